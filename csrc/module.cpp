@@ -1,0 +1,70 @@
+// pyvf._C: the native ops, dispatched on the device of their first tensor.
+#include "ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pyvf {
+namespace {
+
+[[noreturn]] void no_cuda() {
+  TORCH_CHECK(false, "pyvf._C was built without CUDA; see pyvf.build_info() and the README's build section");
+}
+
+torch::Tensor grouped_advantages(const torch::Tensor& rewards, int64_t group_size,
+                                 const std::optional<torch::Tensor>& offsets,
+                                 const std::optional<torch::Tensor>& order, int64_t estimator, double eps) {
+  if (rewards.is_cuda()) {
+#ifdef PYVF_WITH_CUDA
+    return grouped_advantages_cuda(rewards, group_size, offsets, order, estimator, eps);
+#else
+    no_cuda();
+#endif
+  }
+  return grouped_advantages_cpu(rewards, group_size, offsets, order, estimator, eps);
+}
+
+torch::Tensor segment_sum(const torch::Tensor& values, const torch::Tensor& cu_seqlens,
+                          const std::optional<torch::Tensor>& mask) {
+  if (values.is_cuda()) {
+#ifdef PYVF_WITH_CUDA
+    return segment_sum_cuda(values, cu_seqlens, mask);
+#else
+    no_cuda();
+#endif
+  }
+  return segment_sum_cpu(values, cu_seqlens, mask);
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu"] = true;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef PYVF_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = PYVF_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  info["torch"] = PYVF_TORCH_VERSION;
+  return info;
+}
+
+}  // namespace
+}  // namespace pyvf
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyvf native ops (CPU, and CUDA when built with it)";
+  m.def("grouped_advantages", &pyvf::grouped_advantages, "per-group advantages", pybind11::arg("rewards"),
+        pybind11::arg("group_size"), pybind11::arg("offsets"), pybind11::arg("order"), pybind11::arg("estimator"),
+        pybind11::arg("eps"));
+  m.def("segment_sum", &pyvf::segment_sum, "per-segment sums", pybind11::arg("values"),
+        pybind11::arg("cu_seqlens"), pybind11::arg("mask"));
+  m.def("build_info", &pyvf::build_info, "backends compiled into this module");
+}

@@ -1,0 +1,34 @@
+// Host entry points of pyvf._C. Each op has a CPU implementation (csrc/*_cpu.cpp)
+// and, when built with CUDA, a CUDA one (csrc/cuda_ops.cpp launching kernels/cuda/).
+// Inputs arrive validated and contiguous from pyvf/ops; these functions only check
+// the invariants whose violation would read out of bounds.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace pyvf {
+
+// rewards [B] float32/float64. Groups are either contiguous runs of `group_size`
+// (offsets empty) or, with `offsets` [n_groups + 1] int64, the positions
+// order[offsets[k]:offsets[k + 1]] (identity when `order` is empty).
+torch::Tensor grouped_advantages_cpu(const torch::Tensor& rewards, int64_t group_size,
+                                     const std::optional<torch::Tensor>& offsets,
+                                     const std::optional<torch::Tensor>& order,
+                                     int64_t estimator, double eps);
+
+// values [T] float32/float64, cu_seqlens [B + 1] int64, mask [T] bool or empty.
+torch::Tensor segment_sum_cpu(const torch::Tensor& values, const torch::Tensor& cu_seqlens,
+                              const std::optional<torch::Tensor>& mask);
+
+#ifdef PYVF_WITH_CUDA
+torch::Tensor grouped_advantages_cuda(const torch::Tensor& rewards, int64_t group_size,
+                                      const std::optional<torch::Tensor>& offsets,
+                                      const std::optional<torch::Tensor>& order,
+                                      int64_t estimator, double eps);
+torch::Tensor segment_sum_cuda(const torch::Tensor& values, const torch::Tensor& cu_seqlens,
+                               const std::optional<torch::Tensor>& mask);
+#endif
+
+}  // namespace pyvf

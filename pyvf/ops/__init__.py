@@ -1,0 +1,7 @@
+"""The public ops. Each dispatches on `backend` ("auto" follows the device) and
+validates its inputs with ValueErrors that name the argument."""
+
+from pyvf.ops.grouped_advantages import grouped_advantages
+from pyvf.ops.segment_sum import segment_sum
+
+__all__ = ["grouped_advantages", "segment_sum"]

@@ -1,0 +1,64 @@
+"""Input validation shared by the public ops: every failure is a ValueError that
+names the argument and the problem."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "reference")
+
+
+def check_1d_floating(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+
+
+def check_1d_integer(name: str, t, length: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name} must have length {length}, got {t.numel()}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{name} is on {device} but {first_name} is on {first}; move them to one device")
+    return first
+
+
+def check_nonnegative_finite(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return float(x)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' follows the device; an explicit native backend must match it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" else "cpu"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    return backend
+
+
+def native_dtype(t: torch.Tensor) -> torch.Tensor:
+    """The native kernels take float32 and float64; half precision is widened."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

@@ -1,0 +1,64 @@
+"""Plain PyTorch references of the ops, computed in float64.
+
+They materialize whatever they need and favour the literal formula over speed:
+tests compare every backend to them, and `backend="reference"` runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_index(groups, n: int, device: torch.device) -> torch.Tensor:
+    """Dense group index in [0, n_groups) for each of the n rewards."""
+    if isinstance(groups, int):
+        return torch.arange(n, device=device) // groups
+    return torch.unique(groups, return_inverse=True)[1]
+
+
+def grouped_advantages_reference(rewards: torch.Tensor, groups, *, estimator: str = "rloo",
+                                 eps: float = 1e-6) -> torch.Tensor:
+    """Float64 advantages; NaN rewards and groups of one get 0, NaN rewards are left
+    out of their group's statistics, groups whose valid rewards are equal get 0."""
+    r = rewards.detach().double()
+    n = r.numel()
+    if n == 0:
+        return r.clone()
+    idx = group_index(groups, n, r.device)
+    n_groups = int(idx.max()) + 1
+    valid = ~torch.isnan(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    zeros = torch.zeros(n_groups, dtype=torch.float64, device=r.device)
+    count = zeros.index_add(0, idx, valid.double())
+    total = zeros.index_add(0, idx, r0)
+    mean = total / count.clamp(min=1)
+    dev = torch.where(valid, r - mean[idx], torch.zeros_like(r))
+    m2 = zeros.index_add(0, idx, dev * dev)
+    inf = torch.full_like(zeros, float("inf"))
+    lo = inf.scatter_reduce(0, idx, torch.where(valid, r, float("inf")), "amin")
+    hi = (-inf).scatter_reduce(0, idx, torch.where(valid, r, float("-inf")), "amax")
+
+    k = count[idx]
+    if estimator == "rloo":
+        others_mean = (total[idx] - r) / (k - 1)
+        adv = r - others_mean
+    elif estimator == "grpo":
+        std = torch.sqrt(m2 / (count - 1))[idx]
+        adv = (r - mean[idx]) / (std + eps)
+    elif estimator == "drgrpo":
+        adv = r - mean[idx]
+    else:
+        raise ValueError(f"estimator must be one of 'rloo', 'grpo', 'drgrpo', got {estimator!r}")
+    degenerate = ~valid | (k < 2) | (lo[idx] == hi[idx])
+    return torch.where(degenerate, torch.zeros_like(adv), adv)
+
+
+def segment_sum_reference(values: torch.Tensor, cu_seqlens: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 per-segment sums of values (where mask), differentiable."""
+    v = values.double()
+    if mask is not None:
+        v = v * mask.to(v.dtype)
+    cu = cu_seqlens.long()
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=v.device), cu.diff())
+    return torch.zeros(cu.numel() - 1, dtype=v.dtype, device=v.device).index_add(0, seg, v)
