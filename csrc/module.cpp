@@ -66,5 +66,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("eps"));
   m.def("segment_sum", &pyvf::segment_sum, "per-segment sums", pybind11::arg("values"),
         pybind11::arg("cu_seqlens"), pybind11::arg("mask"));
+  m.def("token_logprobs_forward_cpu", &pyvf::token_logprobs_forward_cpu, "token_logprobs forward (CPU)",
+        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("targets"), pybind11::arg("inv_temp"),
+        pybind11::arg("with_entropy"), pybind11::arg("chunk_bytes"));
+  m.def("token_logprobs_backward_cpu", &pyvf::token_logprobs_backward_cpu, "token_logprobs backward (CPU)",
+        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("targets"), pybind11::arg("lse"),
+        pybind11::arg("entropy"), pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"),
+        pybind11::arg("inv_temp"), pybind11::arg("chunk_bytes"));
   m.def("build_info", &pyvf::build_info, "backends compiled into this module");
 }

@@ -22,6 +22,21 @@ torch::Tensor grouped_advantages_cpu(const torch::Tensor& rewards, int64_t group
 torch::Tensor segment_sum_cpu(const torch::Tensor& values, const torch::Tensor& cu_seqlens,
                               const std::optional<torch::Tensor>& mask);
 
+// token_logprobs on the CPU. hidden [N, H] and weight [V, H] (any floating dtype;
+// computed in fp32, or fp64 for fp64), targets [N] int64 all in [0, V) (ignored rows
+// are dropped by the caller). chunk_bytes bounds the [chunk, V] logits buffer.
+// forward -> {logp, lse, entropy (empty unless with_entropy)} in the compute dtype.
+std::vector<torch::Tensor> token_logprobs_forward_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                                      const torch::Tensor& targets, double inv_temp,
+                                                      bool with_entropy, int64_t chunk_bytes);
+// backward -> {d_hidden, d_weight} in the inputs' dtypes.
+std::vector<torch::Tensor> token_logprobs_backward_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                                       const torch::Tensor& targets, const torch::Tensor& lse,
+                                                       const std::optional<torch::Tensor>& entropy,
+                                                       const torch::Tensor& grad_logp,
+                                                       const std::optional<torch::Tensor>& grad_entropy,
+                                                       double inv_temp, int64_t chunk_bytes);
+
 #ifdef PYVF_WITH_CUDA
 torch::Tensor grouped_advantages_cuda(const torch::Tensor& rewards, int64_t group_size,
                                       const std::optional<torch::Tensor>& offsets,

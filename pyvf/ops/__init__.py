@@ -3,5 +3,6 @@ validates its inputs with ValueErrors that name the argument."""
 
 from pyvf.ops.grouped_advantages import grouped_advantages
 from pyvf.ops.segment_sum import segment_sum
+from pyvf.ops.token_logprobs import token_logprobs
 
-__all__ = ["grouped_advantages", "segment_sum"]
+__all__ = ["grouped_advantages", "segment_sum", "token_logprobs"]

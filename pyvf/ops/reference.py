@@ -62,3 +62,21 @@ def segment_sum_reference(values: torch.Tensor, cu_seqlens: torch.Tensor,
     cu = cu_seqlens.long()
     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=v.device), cu.diff())
     return torch.zeros(cu.numel() - 1, dtype=v.dtype, device=v.device).index_add(0, seg, v)
+
+
+def token_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                             temperature: float = 1.0, ignore_index: int = -100,
+                             with_entropy: bool = False):
+    """Float64 log-probs (and entropies) through the full [N, V] logits; differentiable
+    w.r.t. hidden and weight. Ignored rows give 0."""
+    logits = (hidden.double() @ weight.double().t()) / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    logp = logp_all.gather(1, safe[:, None]).squeeze(1)
+    zero = torch.zeros_like(logp)
+    logp = torch.where(valid, logp, zero)
+    if not with_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, torch.where(valid, entropy, zero)

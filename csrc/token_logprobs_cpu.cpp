@@ -1,0 +1,167 @@
+// CPU path of token_logprobs: token chunks, one GEMM per chunk into a [chunk, V]
+// buffer, then a fused pass per row (OpenMP) for log-sum-exp, the target logit and
+// the entropy; backward recomputes each chunk's logits and turns them into dL/dz in
+// place before two GEMMs. Extra memory: O(N + chunk * V) plus, for half-precision
+// inputs, fp32 copies of the weight and its gradient.
+#include "ops.h"
+
+#include <cmath>
+#include <limits>
+
+namespace pyvf {
+namespace {
+
+// Computation dtype: double stays double (gradcheck), everything else runs in fp32.
+torch::ScalarType compute_dtype(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+void check_inputs(const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& targets) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden [N, H] and weight [V, H] must share H");
+  TORCH_CHECK(targets.scalar_type() == torch::kLong && targets.dim() == 1 && targets.size(0) == hidden.size(0),
+              "targets must be int64 [N]");
+  TORCH_CHECK(weight.size(0) >= 1, "weight must have at least one row");
+}
+
+// Per-row statistics of one row of scaled logits z = logits * inv_temp.
+template <typename T>
+struct RowStats {
+  T lse;
+  T entropy;
+};
+
+template <typename T>
+RowStats<T> row_stats(const T* logits, int64_t v, T inv_temp, bool with_entropy) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < v; ++j) m = std::max(m, logits[j] * inv_temp);
+  // Sums over a 150k vocabulary lose ~1e-5 relative in fp32; accumulate in double.
+  double s = 0, t = 0;
+  for (int64_t j = 0; j < v; ++j) {
+    const T d = logits[j] * inv_temp - m;
+    const double e = std::exp(d);
+    s += e;
+    if (with_entropy) t += e * d;
+  }
+  RowStats<T> out;
+  out.lse = static_cast<T>(m + std::log(s));
+  // Relative to the max: log(s) - t / s avoids lse - sum(p z) cancelling at low entropy.
+  out.entropy = with_entropy ? static_cast<T>(std::log(s) - t / s) : T(0);
+  return out;
+}
+
+// One pass per row of a [c, v] logits chunk: log-prob of the target, lse, entropy.
+template <typename T>
+void forward_rows(const T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, T* logp, T* lse,
+                  T* entropy) {
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < c; ++i) {
+    const T* row = logits + i * v;
+    const RowStats<T> st = row_stats(row, v, inv_temp, entropy != nullptr);
+    lse[i] = st.lse;
+    logp[i] = row[targets[i]] * inv_temp - st.lse;
+    if (entropy) entropy[i] = st.entropy;
+  }
+}
+
+// Turns a [c, v] logits chunk into dL/dz in place:
+// g (1[j = t] - p) - e p (z - lse + H), times 1 / temperature.
+template <typename T>
+void backward_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, const T* lse,
+                   const T* grad_logp, const T* entropy, const T* grad_entropy) {
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < c; ++i) {
+    T* row = logits + i * v;
+    const T g = grad_logp[i], l = lse[i];
+    const T ge = grad_entropy ? grad_entropy[i] : T(0);
+    const T shift = entropy ? entropy[i] - l : T(0);
+    for (int64_t j = 0; j < v; ++j) {
+      const T z = row[j] * inv_temp;
+      const T p = std::exp(z - l);
+      T d = -g * p;
+      if (grad_entropy) d -= ge * p * (z + shift);
+      row[j] = d * inv_temp;
+    }
+    row[targets[i]] += g * inv_temp;
+  }
+}
+
+int64_t chunk_rows(int64_t n, int64_t v, int64_t chunk_bytes, int64_t elem) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes / std::max<int64_t>(1, v * elem)));
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> token_logprobs_forward_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                                      const torch::Tensor& targets, double inv_temp,
+                                                      bool with_entropy, int64_t chunk_bytes) {
+  check_inputs(hidden, weight, targets);
+  const auto ct = compute_dtype(hidden);
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto h_c = hidden.to(ct).contiguous();
+  const auto w_t = weight.to(ct).t();
+  const auto tgt = targets.contiguous();
+  auto opts = hidden.options().dtype(ct);
+  auto logp = torch::empty({n}, opts), lse = torch::empty({n}, opts);
+  auto entropy = torch::zeros({with_entropy ? n : 0}, opts);
+  const int64_t rows = chunk_rows(n, v, chunk_bytes, c10::elementSize(ct));
+  auto buffer = torch::empty({rows, v}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "token_logprobs_forward_cpu", [&] {
+    for (int64_t r0 = 0; r0 < n; r0 += rows) {
+      const int64_t c = std::min(rows, n - r0);
+      auto logits = buffer.narrow(0, 0, c);
+      at::mm_out(logits, h_c.narrow(0, r0, c), w_t);
+      forward_rows<scalar_t>(logits.data_ptr<scalar_t>(), c, v, static_cast<scalar_t>(inv_temp),
+                             tgt.data_ptr<int64_t>() + r0, logp.data_ptr<scalar_t>() + r0,
+                             lse.data_ptr<scalar_t>() + r0,
+                             with_entropy ? entropy.data_ptr<scalar_t>() + r0 : nullptr);
+    }
+  });
+  return {logp, lse, entropy};
+}
+
+std::vector<torch::Tensor> token_logprobs_backward_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                                       const torch::Tensor& targets, const torch::Tensor& lse,
+                                                       const std::optional<torch::Tensor>& entropy,
+                                                       const torch::Tensor& grad_logp,
+                                                       const std::optional<torch::Tensor>& grad_entropy,
+                                                       double inv_temp, int64_t chunk_bytes) {
+  check_inputs(hidden, weight, targets);
+  const bool with_entropy = grad_entropy && grad_entropy->defined();
+  TORCH_CHECK(!with_entropy || (entropy && entropy->defined()), "grad_entropy needs the forward's entropy");
+  const auto ct = compute_dtype(hidden);
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto h_c = hidden.to(ct).contiguous();
+  const auto w_c = weight.to(ct).contiguous();
+  const auto tgt = targets.contiguous();
+  const auto lse_c = lse.to(ct).contiguous();
+  const auto g_c = grad_logp.to(ct).contiguous();
+  const auto ent_c = with_entropy ? entropy->to(ct).contiguous() : torch::Tensor();
+  const auto ge_c = with_entropy ? grad_entropy->to(ct).contiguous() : torch::Tensor();
+  auto opts = hidden.options().dtype(ct);
+  auto d_hidden = torch::empty({n, hidden.size(1)}, opts);
+  auto d_weight = torch::zeros({v, hidden.size(1)}, opts);
+  const int64_t rows = chunk_rows(n, v, chunk_bytes, c10::elementSize(ct));
+  auto buffer = torch::empty({rows, v}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "token_logprobs_backward_cpu", [&] {
+    for (int64_t r0 = 0; r0 < n; r0 += rows) {
+      const int64_t c = std::min(rows, n - r0);
+      auto dz = buffer.narrow(0, 0, c);
+      const auto h_chunk = h_c.narrow(0, r0, c);
+      at::mm_out(dz, h_chunk, w_c.t());
+      backward_rows<scalar_t>(dz.data_ptr<scalar_t>(), c, v, static_cast<scalar_t>(inv_temp),
+                              tgt.data_ptr<int64_t>() + r0, lse_c.data_ptr<scalar_t>() + r0,
+                              g_c.data_ptr<scalar_t>() + r0,
+                              with_entropy ? ent_c.data_ptr<scalar_t>() + r0 : nullptr,
+                              with_entropy ? ge_c.data_ptr<scalar_t>() + r0 : nullptr);
+      auto d_hidden_chunk = d_hidden.narrow(0, r0, c);
+      at::mm_out(d_hidden_chunk, dz, w_c);
+      d_weight.addmm_(dz.t(), h_chunk);
+    }
+  });
+  return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type())};
+}
+
+}  // namespace pyvf

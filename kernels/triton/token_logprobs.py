@@ -1,0 +1,302 @@
+"""Triton kernels for per-token log-probs from hidden states, never building [N, V].
+
+Forward (one kernel, `_forward_kernel`): each program owns BLOCK_N rows and one
+slice of the vocabulary. It walks its slice in BLOCK_V tiles, computes each logits
+tile hidden @ weight.T on the tensor cores with fp32 accumulation, and folds it into
+an online log-sum-exp (running max m, sum s = sum exp(z - m)) plus, for the entropy,
+t = sum exp(z - m) * (z - m). Keeping t relative to the running max keeps the
+entropy log(s) - t / s free of the cancellation that lse - sum(p z) suffers at low
+entropy. The target's logit is picked out of whichever tile holds it. Slices of the
+vocabulary ("splits") let small N still fill every SM; their partial statistics are
+merged by `_merge_splits` in O(N * splits).
+
+Backward (per vocabulary chunk of Vc columns, `_logits_grad_kernel` + two GEMMs):
+the kernel recomputes the logits tile by tile and writes dL/dz straight from its
+epilogue into a [N, Vc] workspace (bounded by WORKSPACE_BYTES, never [N, V]):
+
+    dL/dz_ij = g_i (1[j = t_i] - p_ij) - e_i p_ij (z_ij - lse_i + H_i)
+
+(g the upstream gradient of the log-prob, e that of the entropy H), divided by the
+temperature. Then d_weight[chunk] = dz^T @ hidden and d_hidden += dz @ weight[chunk]
+run as cuBLAS GEMMs with fp32 accumulation; d_hidden is accumulated across chunks in
+fp32.
+
+FLOPs, for N rows (after dropping ignored rows), hidden size H, vocabulary V:
+    forward            2 N H V   (logits tiles)
+    backward           6 N H V   (2 recompute + 2 for d_hidden + 2 for d_weight)
+    forward + backward 8 N H V
+Benchmarks quote TFLOP/s against the 6 N H V of a method that keeps the logits.
+
+Memory beyond inputs and gradients: O(N * splits) for the forward statistics,
+the [N, Vc] workspace and an fp32 [N, H] d_hidden accumulator in backward.
+
+Both kernels take the same code path under TRITON_INTERPRET=1 on CPU tensors, which
+is how CI tests them (fp32, fp16; the interpreter's bf16 is unreliable).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Upper bound on the backward's dL/dz workspace, in bytes.
+WORKSPACE_BYTES = int(os.environ.get("PYVF_LOGPROBS_WORKSPACE_MB", "512")) * 2**20
+# Vocabulary slices are multiples of this, so every autotuned BLOCK_V tiles them.
+_SPLIT_ALIGN = 256
+_NEG_BIG = tl.constexpr(-1.0e30)  # stands in for -inf where inf * 0 would give NaN
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_ns, block_vs, block_ks, warps, stages):
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bv, bk, w, s in zip(block_ns, block_vs, block_ks, warps, stages)
+    ]
+
+
+# Hopper-oriented tiles (bf16, H in the thousands); the interpreter gets one config
+# with large tiles because it pays per Python-level operation, not per FLOP.
+if _INTERPRET:
+    _FWD_CONFIGS = _configs([16], [256], [64], [4], [1])
+    _BWD_CONFIGS = _FWD_CONFIGS
+else:
+    _FWD_CONFIGS = _configs(
+        [128, 128, 64, 128, 64],
+        [128, 256, 256, 128, 128],
+        [64, 64, 64, 128, 64],
+        [8, 8, 8, 8, 4],
+        [4, 3, 4, 3, 4],
+    )
+    _BWD_CONFIGS = _FWD_CONFIGS
+
+
+def _autotune(configs, key):
+    def wrap(fn):
+        if _INTERPRET:
+            return fn  # one config, applied at the call site
+        return triton.autotune(configs=configs, key=key)(fn)
+
+    return wrap
+
+
+def _interpreter_meta(configs):
+    """Launch kwargs that an autotuner would otherwise supply."""
+    if not _INTERPRET:
+        return {}
+    c = configs[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+@_autotune(_FWD_CONFIGS, key=["H", "V_PER_SPLIT", "WITH_ENTROPY", "PRECISION"])
+@triton.jit
+def _forward_kernel(
+    h_ptr, w_ptr, tgt_ptr,                  # hidden [N, H], weight [V, H], targets [N]
+    m_ptr, s_ptr, t_ptr, tlogit_ptr,        # partial stats [N, S]; target logit [N]
+    N, V, H, stride_h, stride_w, inv_temp,
+    V_PER_SPLIT,
+    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    v_lo = split * V_PER_SPLIT
+    v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+
+    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    tlogit = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            a = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + cols64[None, :] * stride_w + ks[:, None],
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        z = tl.where(col_ok[None, :], acc * inv_temp, _NEG_BIG)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        scale = tl.exp(m - m_new)
+        d = z - m_new[:, None]
+        e = tl.exp(d)
+        if WITH_ENTROPY:
+            t = scale * (t + (m - m_new) * s) + tl.sum(e * d, axis=1)
+        s = s * scale + tl.sum(e, axis=1)
+        m = m_new
+        tlogit += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+
+    out = rows64 * n_splits + split
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(t_ptr + out, t, mask=row_ok)
+    tl.store(tlogit_ptr + rows, tlogit, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
+
+
+@_autotune(_BWD_CONFIGS, key=["H", "V_COUNT", "WITH_ENTROPY", "PRECISION"])
+@triton.jit
+def _logits_grad_kernel(
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,   # inputs; ent/ge only WITH_ENTROPY
+    dz_ptr,                                                 # out: [N, V_COUNT] workspace
+    N, V, H, stride_h, stride_w, stride_dz, inv_temp,
+    v_start, V_COUNT,
+    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_start + local
+    col_ok = (local < V_COUNT) & (cols < V)
+    cols64 = cols.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        a = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols64[None, :] * stride_w + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    z = acc * inv_temp
+
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
+    if WITH_ENTROPY:
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
+        dz -= ge[:, None] * p * (z - lse[:, None] + ent[:, None])
+    dz = dz * inv_temp
+    tl.store(dz_ptr + rows64[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: the op promises fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_vocab(n: int, v: int, device: torch.device) -> tuple[int, int]:
+    """(vocabulary columns per split, number of splits) so the grid fills the GPU."""
+    if device.type != "cuda":
+        return v, 1
+    row_blocks = triton.cdiv(n, 64)
+    want = triton.cdiv(2 * _sm_count(device.index or 0), row_blocks)
+    splits = max(1, min(want, triton.cdiv(v, _SPLIT_ALIGN)))
+    per_split = triton.cdiv(triton.cdiv(v, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return per_split, triton.cdiv(v, per_split)
+
+
+def _merge_splits(m, s, t, with_entropy):
+    """Combines per-split (max, sum, relative entropy term) into lse and entropy."""
+    big_m = m.max(dim=1, keepdim=True).values
+    w = torch.exp(m - big_m)
+    total = (s * w).sum(dim=1)
+    lse = big_m.squeeze(1) + torch.log(total)
+    if not with_entropy:
+        return lse, None
+    rel = (w * (t + (m - big_m) * s)).sum(dim=1)
+    return lse, torch.log(total) - rel / total
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
+            with_entropy: bool):
+    """(log-probs, lse, entropy or None), float32 [N]. Rows must all be valid targets."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    per_split, splits = _split_vocab(n, v, hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m = torch.empty((n, splits), **f32)
+    s = torch.empty((n, splits), **f32)
+    t = torch.empty((n, splits), **f32) if with_entropy else m
+    tlogit = torch.empty(n, **f32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    _forward_kernel[grid](
+        hidden, weight, targets, m, s, t, tlogit,
+        n, v, h, hidden.stride(0), weight.stride(0), inv_temp, per_split,
+        WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
+        **_interpreter_meta(_FWD_CONFIGS),
+    )
+    lse, entropy = _merge_splits(m, s, t, with_entropy)
+    return tlogit - lse, lse, entropy
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_works(device_type: str) -> bool:
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    try:
+        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with the product in acc's precision where the GEMM allows it."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _mm_out_dtype_works(acc.device.type):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, inv_temp: float):
+    """(d_hidden, d_weight) in the inputs' dtypes. grad_entropy may be None."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    with_entropy = grad_entropy is not None
+    d_weight = torch.empty_like(weight)
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    d_hidden = torch.zeros((n, h), dtype=acc_dtype, device=hidden.device)
+    chunk = max(_SPLIT_ALIGN, (WORKSPACE_BYTES // max(1, n * hidden.element_size())) // _SPLIT_ALIGN * _SPLIT_ALIGN)
+    chunk = min(chunk, v)
+    workspace = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
+    grad_logp = grad_logp.float().contiguous()
+    ent_arg = entropy if with_entropy else lse
+    ge_arg = grad_entropy.float().contiguous() if with_entropy else grad_logp
+    for v_start in range(0, v, chunk):
+        count = min(chunk, v - v_start)
+        dz = workspace[:, :count]
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(count, meta["BLOCK_V"]))  # noqa: E731
+        _logits_grad_kernel[grid](
+            hidden, weight, targets, lse, ent_arg, grad_logp, ge_arg, workspace,
+            n, v, h, hidden.stride(0), weight.stride(0), workspace.stride(0), inv_temp,
+            v_start, count,
+            WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
+            **_interpreter_meta(_BWD_CONFIGS),
+        )
+        torch.mm(dz.t(), hidden, out=d_weight[v_start:v_start + count])
+        _add_matmul(d_hidden, dz, weight[v_start:v_start + count])
+    return d_hidden.to(hidden.dtype), d_weight
