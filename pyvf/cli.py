@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", type=_sizes, default=None,
                        help="comma-separated batch sizes, e.g. 1e4,1e6 (default: by device)")
     bench.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    bench.add_argument("--impls", default=None,
+                       help="comma-separated log-prob implementations (default: all of "
+                            "pyvf,torch-eager,torch-compile-chunked,liger-flce,cut-cross-entropy)")
     return parser
 
 
@@ -32,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from pyvf import bench
 
-        return bench.main(args.device, args.sizes, args.output)
+        impls = args.impls.split(",") if args.impls else None
+        unknown = sorted(set(impls or []) - set(bench.LOGPROB_IMPLS))
+        if unknown:
+            print(f"pyvf bench: unknown --impls {', '.join(unknown)}; choose from {', '.join(bench.LOGPROB_IMPLS)}",
+                  file=sys.stderr)
+            return 2
+        return bench.main(args.device, args.sizes, args.output, impls)
     return 2
 
 
