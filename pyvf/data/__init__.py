@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic task and the answer formats."""
