@@ -1,9 +1,25 @@
-"""The `pyvf` command line."""
+"""The `pyvf` command line: train, eval, demo, bench.
+
+Errors in what the user gave (config keys, paths, data) print one line and exit 2;
+set PYVF_DEBUG=1 to see the traceback instead."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+import time
+from pathlib import Path
+
+from pyvf.train.config import ConfigError
+
+DEMO_DEFAULTS = dict(
+    model="builtin", data="synthetic", objective="verifree", output_dir="runs/demo", seed=0,
+    max_steps=60, prompts_per_step=8, group_size=8, max_new_tokens=48, lr=5e-5, max_seq_len=256,
+    micro_batch_tokens=16384, save_every=0,
+)
 
 
 def _sizes(text: str) -> list[int]:
@@ -17,8 +33,33 @@ def _sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyvf.train.config import help_text
+
     parser = argparse.ArgumentParser(prog="pyvf", description="Verifier-free RL for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="train a model with a verifier-free objective",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with VeriFree. Every config key can be given as --key value.",
+        epilog="config keys (YAML/TOML file via --config, each overridable on the command line):\n" + help_text())
+    train.add_argument("--config", default=None, help="YAML or TOML file of config keys")
+    train.add_argument("--resume", default=None, help="checkpoint directory (or run directory) to continue from")
+
+    ev = sub.add_parser("eval", help="greedy accuracy of a model on a dataset")
+    ev.add_argument("--model", default="builtin", help="model directory, or builtin")
+    ev.add_argument("--data", default="synthetic", help="JSONL file of question/answer rows, or synthetic (held out)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--prompt-template", default="", help="prompt with {question} (default: the synthetic task's)")
+    ev.add_argument("--output", default=None, help="JSON file for the result (default: eval.json beside nothing)")
+
+    demo = sub.add_parser("demo", help="evaluate, train with VeriFree on the CPU, evaluate again")
+    demo.add_argument("--output-dir", default=DEMO_DEFAULTS["output_dir"])
+    demo.add_argument("--max-steps", type=int, default=DEMO_DEFAULTS["max_steps"])
+    demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"])
+    demo.add_argument("--eval-questions", type=int, default=200, help="held-out questions evaluated before and after")
+
     bench = sub.add_parser("bench", help="time the ops at sizes that fit this machine and print a table")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--sizes", type=_sizes, default=None,
@@ -30,19 +71,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        from pyvf import bench
+def _train(args, extra: list[str]) -> int:
+    from pyvf.train import config as config_mod
+    from pyvf.train.trainer import train
 
-        impls = args.impls.split(",") if args.impls else None
-        unknown = sorted(set(impls or []) - set(bench.LOGPROB_IMPLS))
-        if unknown:
-            print(f"pyvf bench: unknown --impls {', '.join(unknown)}; choose from {', '.join(bench.LOGPROB_IMPLS)}",
-                  file=sys.stderr)
-            return 2
-        return bench.main(args.device, args.sizes, args.output, impls)
-    return 2
+    values = config_mod.load_file(args.config) if args.config else {}
+    values.update(config_mod.parse_overrides(extra))
+    cfg = config_mod.from_dict(values).validate()
+    record = train(cfg, resume=args.resume)
+    if record:
+        print(f"train: step {record['step']} loss {record['loss']:.4f} reward {record['reward_mean']:.3f} "
+              f"-> {cfg.output_dir}")
+    return 0
+
+
+def _evaluate_path(model_spec: str, data: str, limit, max_new_tokens: int, prompt_template: str = "") -> dict:
+    from pyvf.data import dataset
+    from pyvf.train.evaluate import evaluate
+    from pyvf.train.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_spec)
+    examples = dataset.load(data, n_synthetic=limit or 500, split="eval")
+    if limit is not None:
+        examples = examples[:limit]
+    return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, prompt_template=prompt_template)
+
+
+def _eval(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    result = _evaluate_path(args.model, args.data, args.limit, args.max_new_tokens, args.prompt_template)
+    print(f"eval: accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['n']}) "
+          f"model {args.model} data {args.data}")
+    output = args.output or "eval.json"
+    Path(output).write_text(json.dumps(result, indent=2))
+    print(f"eval: wrote {output}")
+    return 0
+
+
+def _demo(args) -> int:
+    from pyvf.train import config as config_mod
+    from pyvf.train.trainer import train
+
+    start = time.time()
+    n = args.eval_questions
+    print(f"demo: evaluating the built-in model on {n} held-out questions", flush=True)
+    before = _evaluate_path("builtin", "synthetic", n, 64)
+    print(f"demo: accuracy before training {100 * before['accuracy']:.1f}%", flush=True)
+    cfg = config_mod.from_dict({**DEMO_DEFAULTS, "output_dir": args.output_dir, "max_steps": args.max_steps,
+                                "seed": args.seed}).validate()
+    print(f"demo: training with VeriFree for {cfg.max_steps} steps "
+          f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples) -> {cfg.output_dir}", flush=True)
+    train(cfg)
+    after = _evaluate_path(str(Path(cfg.output_dir) / "checkpoints" / f"step-{cfg.max_steps:06d}"), "synthetic", n, 64)
+    elapsed = time.time() - start
+    summary = {"before": before["accuracy"], "after": after["accuracy"], "n": n, "seconds": elapsed,
+               "config": cfg.to_dict()}
+    Path(cfg.output_dir, "demo.json").write_text(json.dumps(summary, indent=2))
+    print(f"demo: plot {Path(cfg.output_dir) / 'metrics.png'}")
+    print(f"demo: accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
+          f"({n} held-out questions, {elapsed:.0f} s)")
+    return 0
+
+
+def _bench(args) -> int:
+    from pyvf import bench
+
+    impls = args.impls.split(",") if args.impls else None
+    unknown = sorted(set(impls or []) - set(bench.LOGPROB_IMPLS))
+    if unknown:
+        raise ConfigError(f"unknown --impls {', '.join(unknown)}; choose from {', '.join(bench.LOGPROB_IMPLS)}")
+    return bench.main(args.device, args.sizes, args.output, impls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return _train(args, extra)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _bench(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("PYVF_DEBUG"):
+            raise
+        print(f"pyvf {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

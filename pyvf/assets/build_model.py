@@ -1,0 +1,113 @@
+"""Rebuilds the shipped demo model: a tiny Qwen3-architecture model (about 3.6M
+parameters) initialized from a fixed seed and warmed up with supervised fine-tuning
+on the synthetic task's worked solutions.
+
+    python -m pyvf.assets.build_model [--out DIR] [--steps 600]
+
+The warm-up is deliberately short: the model learns the format and part of the
+arithmetic, leaving room for `pyvf demo` to show what VeriFree adds. Deterministic on
+the CPU for a given torch version and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pyvf.assets import ASSETS, load_tokenizer
+from pyvf.data.dataset import SYNTHETIC_TRAIN_SEED
+from pyvf.data.synthetic import generate
+from pyvf.ops import token_logprobs
+from pyvf.packing import IGNORE_INDEX
+
+MODEL_DIR = ASSETS / "model"
+
+
+def tiny_qwen3_config(vocab_size: int, eos_id: int, pad_id: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id,
+        pad_token_id=pad_id, attention_dropout=0.0,
+    )
+
+
+def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int):
+    """(input_ids [B, L], targets [B, L]) with targets only on the completion and EOS."""
+    problems = generate(n_examples, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(problems), generator=g).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            rows = []
+            for k in order[i:i + batch_size]:
+                p = problems[k]
+                prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+                completion = tokenizer(p.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                rows.append((prompt, completion))
+            width = max(len(a) + len(b) for a, b in rows)
+            ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+            targets = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+            for r, (prompt, completion) in enumerate(rows):
+                seq = prompt + completion
+                ids[r, :len(seq)] = torch.tensor(seq)
+                # position t predicts token t + 1: train on the completion's tokens
+                targets[r, len(prompt) - 1:len(seq) - 1] = torch.tensor(completion)
+            yield ids, targets
+
+
+def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50):
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer()
+    config = tiny_qwen3_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = Qwen3ForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100)
+    start = time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        ids, targets = next(batches)
+        hidden = model.model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).last_hidden_state
+        logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1))
+        loss = -logp.sum() / (targets != IGNORE_INDEX).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps:
+            print(f"build_model: step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    print(f"build_model: saved to {out}")
+    return model, tokenizer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=MODEL_DIR)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Checkpoints: model weights (safetensors), optimizer state, RNG states, data position
+and config. Written into a temporary directory and renamed into place, so a crash
+never leaves a half-written checkpoint; `latest` names the newest complete one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+@dataclass
+class TrainerState:
+    step: int                 # optimizer steps completed
+    data_position: int        # prompts consumed from the data order
+    config: dict
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = json.loads(state["numpy"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save(directory: Path, *, model, model_state: dict, optimizer_state: dict, state: TrainerState,
+         tokenizer=None) -> Path:
+    """Writes checkpoints/step-NNNNNN under `directory` atomically; returns its path.
+    The checkpoint is also a Hugging Face model directory (config.json,
+    model.safetensors, tokenizer), usable as `--model`."""
+    root = Path(directory) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(str(tmp), state_dict=model_state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST)
+    return final
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (then its latest checkpoint)."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    pointer = path / "checkpoints" / LATEST
+    if pointer.is_file():
+        return path / "checkpoints" / pointer.read_text().strip()
+    raise ValueError(f"--resume {path}: no checkpoint there (expected trainer_state.json or checkpoints/{LATEST})")
+
+
+def load(path: str | Path):
+    """(model tensors, optimizer state, TrainerState) from a checkpoint; restores RNG states."""
+    from safetensors.torch import load_file
+
+    path = resolve(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    _set_rng_state(rng)
+    return tensors, optimizer_state, TrainerState(meta["step"], meta["data_position"], meta["config"])

@@ -1,0 +1,81 @@
+"""Per-step metrics: metrics.jsonl (one JSON object per step), TensorBoard events when
+tensorboard is installed, and a PNG of the curves at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("pyvf")
+
+PLOTTED = ("loss", "reward_mean", "marker_frac", "advantage_std", "reasoning_len", "grad_norm")
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, *, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A resumed run rewrites the steps after its checkpoint.
+        kept = []
+        if resume_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        elif self.path.exists():
+            self.path.unlink()
+        if kept:
+            self.path.write_text("\n".join(kept) + "\n")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                log.info("metrics: tensorboard not installed, no event files")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
+    """Draws the curves of PLOTTED to a PNG; None when matplotlib is missing or nothing ran."""
+    if not records:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("metrics: matplotlib not installed, no plot")
+        return None
+    keys = [k for k in PLOTTED if any(k in r for r in records)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.0 * len(keys)), sharex=True)
+    axes = [axes] if len(keys) == 1 else axes
+    steps = [r["step"] for r in records]
+    for ax, key in zip(axes, keys):
+        ax.plot(steps, [r.get(key) for r in records], lw=1.2)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    if title:
+        axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

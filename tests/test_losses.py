@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from pyvf.losses import verifree_loss
+from pyvf.packing import ROLE_ANSWER, ROLE_PROMPT, ROLE_REASONING
+
+
+def random_packed(n_seq, with_missing_answers=True):
+    lengths = torch.randint(3, 12, (n_seq,))
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    roles = []
+    for i, n in enumerate(lengths.tolist()):
+        p = torch.randint(1, n - 1, ()).item()
+        a = 0 if (with_missing_answers and i % 5 == 3) else torch.randint(1, n - p + 1, ()).item()
+        r = n - p - a
+        roles += [ROLE_PROMPT] * p + [ROLE_REASONING] * r + [ROLE_ANSWER] * a
+    roles = torch.tensor(roles)
+    logprobs = -torch.rand(int(cu[-1]), dtype=torch.float64) * 0.5
+    logprobs[roles == ROLE_PROMPT] = 0.0
+    return logprobs.requires_grad_(), roles, cu
+
+
+def definition(logprobs, roles, cu, groups, completion, weights):
+    """DESIGN.md 1.1 / 1.2 written out one completion at a time."""
+    lp = logprobs.detach().tolist()
+    seqs = []
+    for b in range(len(cu) - 1):
+        lo, hi = cu[b].item(), cu[b + 1].item()
+        reasoning = sum(lp[t] for t in range(lo, hi) if roles[t] == ROLE_REASONING)
+        answer = [lp[t] for t in range(lo, hi) if roles[t] == ROLE_ANSWER]
+        seqs.append((reasoning, sum(answer), len(answer) > 0))
+    comps = sorted(set(completion))
+    reward = {c: sum(weights[b] * (math.exp(seqs[b][1]) if seqs[b][2] else 0.0)
+                     for b in range(len(seqs)) if completion[b] == c) for c in comps}
+    first = {c: min(b for b in range(len(seqs)) if completion[b] == c) for c in comps}
+    group = {c: groups[first[c]] for c in comps}
+    total = 0.0
+    for c in comps:
+        others = [reward[d] for d in comps if group[d] == group[c] and d != c]
+        adv = reward[c] - sum(others) / len(others) if others else 0.0
+        sft = sum(weights[b] * (math.exp(seqs[b][1]) if seqs[b][2] else 0.0) * seqs[b][1]
+                  for b in range(len(seqs)) if completion[b] == c)
+        total += -(adv * seqs[first[c]][0] + sft)
+    return total / len(comps), reward
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_single_reference_matches_definition(trial):
+    n_groups, g = 3, 4
+    logprobs, roles, cu = random_packed(n_groups * g)
+    groups = torch.arange(n_groups).repeat_interleave(g)
+    out = verifree_loss(logprobs, roles, cu, g)
+    out_ids = verifree_loss(logprobs, roles, cu, groups)
+    want, reward = definition(logprobs, roles, cu, groups.tolist(), list(range(n_groups * g)), [1.0] * (n_groups * g))
+    assert out.loss.item() == pytest.approx(want, rel=1e-6)
+    assert out_ids.loss.item() == pytest.approx(want, rel=1e-6)
+    assert out.rewards.tolist() == pytest.approx([reward[c] for c in range(n_groups * g)], rel=1e-6)
+    assert out.found.tolist() == [i % 5 != 3 for i in range(n_groups * g)]
+    assert torch.all(out.rewards[~out.found] == 0)
+
+
+def test_gradient_is_the_estimator():
+    logprobs, roles, cu = random_packed(8)
+    out = verifree_loss(logprobs, roles, cu, 4)
+    out.loss.backward()
+    seg = torch.repeat_interleave(torch.arange(8), cu.diff())
+    want = torch.zeros_like(logprobs)
+    reasoning, answer = roles == ROLE_REASONING, roles == ROLE_ANSWER
+    want[reasoning] = -out.advantages.double()[seg[reasoning]] / 8
+    want[answer] = -out.rewards.double()[seg[answer]] / 8
+    assert torch.allclose(logprobs.grad, want, rtol=1e-6, atol=1e-9)
+
+
+def test_multi_reference_weights():
+    # 2 groups x 3 completions, completion 1 and 4 with two references each.
+    logprobs, roles, cu = random_packed(8, with_missing_answers=False)
+    completion = torch.tensor([0, 1, 1, 2, 3, 4, 4, 5])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    weights = torch.tensor([1.0, 0.25, 0.75, 1.0, 1.0, 0.5, 0.5, 1.0])
+    out = verifree_loss(logprobs, roles, cu, groups, completion=completion, weights=weights)
+    want, reward = definition(logprobs, roles, cu, groups.tolist(), completion.tolist(), weights.tolist())
+    assert out.loss.item() == pytest.approx(want, rel=1e-6)
+    assert out.rewards.tolist() == pytest.approx([reward[c] for c in range(6)], rel=1e-6)
+    default = verifree_loss(logprobs, roles, cu, groups, completion=completion)
+    uniform = torch.tensor([1.0, 0.5, 0.5, 1.0, 1.0, 0.5, 0.5, 1.0])
+    assert default.loss.item() == pytest.approx(
+        definition(logprobs, roles, cu, groups.tolist(), completion.tolist(), uniform.tolist())[0], rel=1e-6)
+
+
+def test_micro_batch_normalization():
+    logprobs, roles, cu = random_packed(4)
+    full = verifree_loss(logprobs, roles, cu, 4)
+    scaled = verifree_loss(logprobs, roles, cu, 4, num_completions_total=8)
+    assert scaled.loss.item() == pytest.approx(full.loss.item() / 2)
+
+
+def test_bad_shapes():
+    logprobs, roles, cu = random_packed(4)
+    with pytest.raises(ValueError, match="logprobs and roles"):
+        verifree_loss(logprobs, roles[:-1], cu, 4)
+    with pytest.raises(ValueError, match="completion must have shape"):
+        verifree_loss(logprobs, roles, cu, 4, completion=torch.arange(3))
