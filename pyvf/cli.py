@@ -79,7 +79,7 @@ def _train(args, extra: list[str]) -> int:
     values.update(config_mod.parse_overrides(extra))
     cfg = config_mod.from_dict(values).validate()
     record = train(cfg, resume=args.resume)
-    if record:
+    if record and os.environ.get("RANK", "0") == "0":
         print(f"train: step {record['step']} loss {record['loss']:.4f} reward {record['reward_mean']:.3f} "
               f"-> {cfg.output_dir}")
     return 0

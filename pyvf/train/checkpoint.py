@@ -44,21 +44,27 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def save(directory: Path, *, model, model_state: dict, optimizer_state: dict, state: TrainerState,
+def staging_dir(directory: Path, step: int) -> Path:
+    """Where a checkpoint is written before it is renamed into place; the ranks of a
+    sharded run each add their optimizer shard here first."""
+    return Path(directory) / "checkpoints" / f".tmp-step-{step:06d}"
+
+
+def save(directory: Path, *, model, model_state: dict, optimizer_state: dict | None, state: TrainerState,
          tokenizer=None) -> Path:
     """Writes checkpoints/step-NNNNNN under `directory` atomically; returns its path.
-    The checkpoint is also a Hugging Face model directory (config.json,
-    model.safetensors, tokenizer), usable as `--model`."""
+    optimizer_state None means the ranks already staged their shards. The checkpoint
+    is also a Hugging Face model directory (config.json, model.safetensors,
+    tokenizer), usable as `--model`."""
     root = Path(directory) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(directory, state.step)
+    tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(tmp), state_dict=model_state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(
         {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
@@ -82,13 +88,17 @@ def resolve(path: str | Path) -> Path:
     raise ValueError(f"--resume {path}: no checkpoint there (expected trainer_state.json or checkpoints/{LATEST})")
 
 
-def load(path: str | Path):
-    """(model tensors, optimizer state, TrainerState) from a checkpoint; restores RNG states."""
+def load(path: str | Path, *, rank: int | None = None):
+    """(model tensors, optimizer state, TrainerState) from a checkpoint; restores RNG
+    states. With `rank`, the optimizer state is that rank's shard."""
     from safetensors.torch import load_file
 
     path = resolve(path)
     tensors = load_file(str(path / "model.safetensors"))
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer_file = path / ("optimizer.pt" if rank is None else f"optimizer-rank{rank}.pt")
+    if not optimizer_file.is_file():
+        raise ValueError(f"{path} has no {optimizer_file.name}: resume with the number of processes that wrote it")
+    optimizer_state = torch.load(optimizer_file, weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
     meta = json.loads((path / "trainer_state.json").read_text())
     _set_rng_state(rng)

@@ -31,6 +31,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shard(policy: torch.nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -57,27 +62,27 @@ def full_model_state(policy: torch.nn.Module, sharded: bool) -> dict:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
-def full_optimizer_state(policy, optimizer, sharded: bool) -> dict:
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def local_optimizer_state(optimizer) -> dict:
+    """This rank's optimizer state with its DTensor shards as plain local tensors."""
+    from torch.distributed.tensor import DTensor
 
-    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
+    sd = optimizer.state_dict()
+    sd["state"] = {pid: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
+                   for pid, st in sd["state"].items()}
+    return sd
 
 
-def load_full_state(policy, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
-    if not sharded:
-        missing, unexpected = policy.model.load_state_dict(model_state, strict=False)
-        tied = set(getattr(policy.model, "_tied_weights_keys", None) or [])
-        if unexpected or any(k not in tied and not k.endswith("lm_head.weight") for k in missing):
-            raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
-        policy.model.tie_weights()
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+def load_optimizer_state(optimizer, optimizer_state: dict) -> None:
+    """Loads what `optimizer.state_dict()` (one process) or `local_optimizer_state`
+    (this rank's shard) wrote, rebuilding the DTensor shards of sharded parameters."""
+    from torch.distributed.tensor import DTensor
 
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(policy, {"model." + k: v for k, v in model_state.items()}, options=opts)
-    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=opts)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, st in optimizer_state["state"].items():
+        p = params[int(pid)]
+        if isinstance(p, DTensor):
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                               shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(optimizer_state)

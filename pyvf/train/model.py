@@ -38,6 +38,15 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_weights(model: nn.Module, tensors: dict) -> None:
+    """Full weights (a checkpoint's model.safetensors) into an unsharded model; a tied
+    lm_head may be absent from the file."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+
+
 class PolicyLogprobs(nn.Module):
     """Wraps a causal LM so that one forward returns per-token log-probs of the packed
     batch's targets: the decoder gives hidden states, `token_logprobs` applies the

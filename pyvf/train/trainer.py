@@ -27,7 +27,7 @@ from pyvf.splice import splice_reference
 from pyvf.train import checkpoint, distributed
 from pyvf.train.config import ConfigError, TrainConfig
 from pyvf.train.metrics import MetricsLog, plot
-from pyvf.train.model import PolicyLogprobs, load_model_and_tokenizer
+from pyvf.train.model import PolicyLogprobs, load_model_and_tokenizer, load_weights
 from pyvf.train.rollout import HFGenerate, RolloutEngine, prompt_seed
 
 log = logging.getLogger("pyvf")
@@ -129,18 +129,27 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
     model.to(device)
     examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
     _check_length_limit(cfg, tokenizer, examples)
+    state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
+    optimizer_state = None
+    if resume:
+        model_state, optimizer_state, state = checkpoint.load(resume, rank=rank if sharded else None)
+        load_weights(model, model_state)
+        state.config = cfg.to_dict()
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume, state.step)
     policy = PolicyLogprobs(model, cfg.logprob_backend)
     if sharded:
         distributed.shard(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
-    state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
-    if resume:
-        model_state, optimizer_state, state = checkpoint.load(resume)
-        distributed.load_full_state(policy, optimizer, model_state, optimizer_state, sharded)
-        state.config = cfg.to_dict()
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume, state.step)
+    if optimizer_state is not None:
+        distributed.load_optimizer_state(optimizer, optimizer_state)
+    if sharded:
+        # FSDP2 picks its root at the first forward: make it the policy, before
+        # generate() runs the decoder layers on their own.
+        with torch.no_grad():
+            eos = tokenizer.eos_token_id
+            policy(pack([Sequence([eos], [eos], [], group=0)]))
     engine = engine or HFGenerate(model, tokenizer, synced=sharded)
     order = DataOrder(len(examples), cfg.seed)
     metrics = MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None
@@ -247,8 +256,17 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
 
 def _save(out_dir, policy, optimizer, state, tokenizer, sharded, rank) -> None:
     model_state = distributed.full_model_state(policy, sharded)
-    optimizer_state = distributed.full_optimizer_state(policy, optimizer, sharded)
+    optimizer_state = optimizer.state_dict()
+    if sharded:
+        # Every rank stages its optimizer shard; rank 0 then completes and renames.
+        stage = checkpoint.staging_dir(out_dir, state.step)
+        stage.mkdir(parents=True, exist_ok=True)
+        torch.save(distributed.local_optimizer_state(optimizer), stage / f"optimizer-rank{rank}.pt")
+        distributed.barrier()
+        optimizer_state = None
     if rank == 0:
         path = checkpoint.save(out_dir, model=policy.model, model_state=model_state,
                                optimizer_state=optimizer_state, state=state, tokenizer=tokenizer)
         log.info("checkpoint: %s", path)
+    if sharded:
+        distributed.barrier()

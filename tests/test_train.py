@@ -1,0 +1,131 @@
+"""End-to-end trainer tests on the CPU: a model directory saved by the test, exact
+resume, two-process FSDP2 over gloo, and the CLI's error handling."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyvf.cli import main as cli
+
+BUILTIN = "builtin"
+FAST = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "40", "--progress", "false",
+        "--plot", "false", "--lr", "1e-4"]
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A Hugging Face model directory made here: a random tiny Qwen3 and the shipped tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pyvf.assets import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-model")
+    Qwen3ForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def test_train_with_a_model_directory(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli(["train", "--model", tiny_model_dir, "--max-steps", "2", "--output-dir", str(out), *FAST]) == 0
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    ckpt = out / "checkpoints" / "step-000002"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert (out / "checkpoints" / "latest").read_text() == "step-000002"
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    # A checkpoint is itself a model directory.
+    assert cli(["eval", "--model", str(ckpt), "--limit", "4", "--max-new-tokens", "8",
+                "--output", str(tmp_path / "e.json")]) == 0
+
+
+def test_builtin_model_learns_signal_and_resumes_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--model", BUILTIN, "--max-steps", "6", "--seed", "3", *FAST]
+    assert cli(["train", *common, "--output-dir", str(full)]) == 0
+    assert cli(["train", *common, "--output-dir", str(part), "--stop-after", "3"]) == 0
+    assert [r["step"] for r in metrics(part)] == [1, 2, 3]
+    assert cli(["train", *common, "--output-dir", str(part), "--resume", str(part)]) == 0
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    # The rewards are not all zero, so the losses below carry the whole estimator.
+    assert any(r["reward_mean"] > 0 for r in a) and any(r["loss"] != 0 for r in a)
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"], f"step {ra['step']}: {ra['loss']!r} != {rb['loss']!r}"
+        assert ra["grad_norm"] == rb["grad_norm"]
+
+
+def test_two_processes_match_one(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    common = ["--model", BUILTIN, "--max-steps", "3", "--seed", "1", "--device", "cpu", *FAST]
+    assert cli(["train", *common, "--output-dir", str(single)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pyvf.cli", "train", *common, "--output-dir", str(double)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(single), metrics(double)
+    assert len(a) == len(b) == 3
+    assert any(r["reward_mean"] > 0 for r in a)
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-9)
+        assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--bogus-key", "1"], "unknown config key 'bogus_key'"),
+    (["train", "--model", "/nonexistent/model", "--max-steps", "1"], "is not a Hugging Face model directory"),
+    (["train", "--group-size", "1"], "group_size must be >= 2"),
+    (["train", "--max-seq-len", "8", "--max-steps", "1"], "max_seq_len 8 is too short to hold any answer"),
+    (["train", "--data", "EMPTY", "--max-steps", "1"], "is empty"),
+    (["eval", "--model", "/nonexistent"], "is not a Hugging Face model directory"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"question": " ", "answer": "1"}) + "\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "pyvf.cli", *args, "--output-dir" if args[0] == "train" else "--output",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_train_help_lists_every_key():
+    from dataclasses import fields
+
+    from pyvf.train.config import TrainConfig
+
+    proc = subprocess.run([sys.executable, "-m", "pyvf.cli", "train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in proc.stdout
+
+
+def test_eval_on_jsonl(tmp_path):
+    data = tmp_path / "q.jsonl"
+    rows = [{"question": p.question, "answer": list(p.answers)} for p in
+            __import__("pyvf.data.synthetic", fromlist=["generate"]).generate(6, seed=99)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--model", BUILTIN, "--data", str(data), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["correct"] == sum(d["correct"] for d in result["details"])
