@@ -30,6 +30,14 @@ def _pyvf():
     return lambda h, w, t: token_logprobs(h, w, t)
 
 
+def _pyvf_entropy():
+    def fn(h, w, t):
+        logp, entropy = token_logprobs(h, w, t, with_entropy=True)
+        return logp + entropy  # both outputs reach the loss: entropy costs show up in backward
+
+    return fn
+
+
 def _torch_eager():
     def fn(h, w, t):
         logits = h @ w.t()
@@ -63,6 +71,7 @@ def _cut_cross_entropy():
 
 LOGPROB_IMPLS: dict[str, Callable[[], Callable]] = {
     "pyvf": _pyvf,
+    "pyvf+entropy": _pyvf_entropy,
     "torch-eager": _torch_eager,
     "torch-compile-chunked": _torch_compile_chunked,
     "liger-flce": _liger,
@@ -126,6 +135,7 @@ class Record:
     tflops: float | None
     peak_mem_bytes: int | None
     status: str = "ok"
+    tokens_per_s: float | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -209,8 +219,169 @@ def bench_groups(n: int, device: torch.device, group_size: int = 8) -> list[Reco
 
 
 # ---------------------------------------------------------------------------
+# verifree_loss and the full training step
+# ---------------------------------------------------------------------------
+
+QWEN3_SHAPES = {
+    # name: (hidden, layers, heads, kv heads, intermediate); vocabulary 151936, head_dim 128
+    "qwen3-0.6b": (1024, 28, 16, 8, 3072),
+    "qwen3-1.7b": (2048, 28, 16, 8, 6144),
+    "tiny": (64, 2, 2, 1, 128),
+}
+
+
+def random_packed_batch(n_seq: int, seq_len: int, vocab: int, group_size: int, device, seed: int = 0):
+    """A packed batch of n_seq sequences of seq_len tokens: 20% prompt, 70% reasoning,
+    10% answer, random tokens."""
+    from pyvf.packing import Sequence, pack
+
+    g = torch.Generator().manual_seed(seed)
+    p, a = max(1, seq_len // 5), max(1, seq_len // 10)
+    r = seq_len - p - a
+    seqs = [Sequence(*(torch.randint(0, vocab, (k,), generator=g).tolist() for k in (p, r, a)), group=i // group_size)
+            for i in range(n_seq)]
+    return pack(seqs).to(device)
+
+
+def bench_verifree_loss(n_seq: int, seq_len: int, device: torch.device) -> list[Record]:
+    from pyvf.losses import verifree_loss
+
+    batch = random_packed_batch(n_seq, seq_len, 1000, 8, device)
+    logprobs = (-torch.rand(batch.input_ids.numel(), device=device)).requires_grad_()
+
+    def call():
+        logprobs.grad = None
+        verifree_loss(logprobs, batch.roles, batch.cu_seqlens, batch.groups).loss.backward()
+
+    return [Record("verifree_loss", "pyvf", "fwdbwd", batch.input_ids.numel(), 0, 0, "float32",
+                   time_ms(call, device), None, peak_memory_bytes(call, device))]
+
+
+def _qwen3(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hidden, layers, heads, kv, inter = QWEN3_SHAPES[shape]
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, head_dim=max(16, hidden // heads),
+                      max_position_embeddings=65536, tie_word_embeddings=shape != "qwen3-1.7b")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def train_step_fn(model, batch, impl: str):
+    """One VeriFree step: forward, log-probs, loss, backward, AdamW. `pyvf`: hidden
+    states -> token_logprobs; `full-logits`: the model's logits -> fp32 log-softmax."""
+    from pyvf.losses import verifree_loss
+    from pyvf.train.model import PolicyLogprobs
+
+    policy = PolicyLogprobs(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
+    padded = batch.padded()
+
+    def logprobs():
+        if impl == "pyvf":
+            return policy(batch)
+        logits = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask,
+                       position_ids=padded.position_ids).logits
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, padded.flat_positions().to(logits.device))
+        logp = torch.log_softmax(flat.float(), dim=-1)
+        safe = batch.targets.clamp(min=0)
+        return torch.where(batch.targets >= 0, logp.gather(1, safe[:, None]).squeeze(1), 0.0)
+
+    def step():
+        out = verifree_loss(logprobs(), batch.roles, batch.cu_seqlens, batch.groups)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_train_step(shape: str, n_seq: int, seq_len: int, device: torch.device, dtype: torch.dtype,
+                     vocab: int = 151936) -> list[Record]:
+    """Tokens/s and peak memory of one training step, pyvf's fused path against the
+    same step through the model's full logits (`ms` per step)."""
+    model = _qwen3(shape, vocab, dtype, device)
+    batch = random_packed_batch(n_seq, seq_len, vocab, 8, device)
+    records = []
+    for impl in ("pyvf", "full-logits"):
+        rec = Record("train_step", impl, "fwdbwd", n_seq * seq_len, model.config.hidden_size, vocab,
+                     str(dtype).replace("torch.", ""), None, None, None)
+        try:
+            step = train_step_fn(model, batch, impl)
+            rec.ms = time_ms(step, device, repeats=3, warmup=1)
+            rec.peak_mem_bytes = peak_memory_bytes(step, device)
+            rec.tokens_per_s = n_seq * seq_len / (rec.ms / 1e3)
+        except torch.OutOfMemoryError:
+            rec.status = "out of memory"
+        records.append(rec)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def longest_trainable(shape: str, impl: str, device: torch.device, dtype: torch.dtype, n_seq: int = 8,
+                      start: int = 1024, limit: int = 262144) -> int:
+    """The longest sequence (doubling from `start`) whose training step fits in memory."""
+    model = _qwen3(shape, 151936, dtype, device)
+    best, length = 0, start
+    while length <= limit:
+        try:
+            batch = random_packed_batch(n_seq, length, 151936, 8, device)
+            train_step_fn(model, batch, impl)()
+            best = length
+            length *= 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    return best
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
+
+
+def plot_records(records: list[Record], path: str, op: str = "token_logprobs", pass_: str = "fwdbwd") -> str | None:
+    """Time and peak memory against N, one line per implementation (one panel per H)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed, no chart")
+        return None
+    rows = [r for r in records if r.op == op and r.pass_ == pass_ and r.ms is not None]
+    if not rows:
+        return None
+    hs = sorted({r.h for r in rows})
+    fig, axes = plt.subplots(2, len(hs), figsize=(5 * len(hs), 6), squeeze=False)
+    for col, h in enumerate(hs):
+        for impl in dict.fromkeys(r.impl for r in rows):
+            pts = sorted((r.n, r.ms, r.peak_mem_bytes) for r in rows if r.h == h and r.impl == impl)
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            if all(p[2] is not None for p in pts):
+                axes[1][col].plot([p[0] for p in pts], [p[2] / 2**30 for p in pts], marker="o", label=impl)
+        axes[0][col].set_title(f"{op} {pass_}, H={h}, V={rows[0].v}", fontsize=9)
+        axes[0][col].set_ylabel("ms")
+        axes[1][col].set_ylabel("peak GiB")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("N (tokens)")
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 
 
 def device_name(device: torch.device) -> str:
@@ -256,9 +427,10 @@ def default_plan(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"group_sizes": [10**4, 10**6, 16 * 10**6],
                 "logprob_shapes": [(n, h, 151936) for h in (2048, 4096) for n in (4096, 16384, 65536)],
-                "dtype": torch.bfloat16}
+                "dtype": torch.bfloat16,
+                "train_steps": [("qwen3-0.6b", 8, 2048), ("qwen3-1.7b", 8, 2048)]}
     return {"group_sizes": [10**4, 10**5, 10**6], "logprob_shapes": [(256, 128, 32000), (1024, 128, 32000)],
-            "dtype": torch.float32}
+            "dtype": torch.float32, "train_steps": [("tiny", 8, 128)]}
 
 
 def main(device: str | None, sizes: list[int] | None, output: str | None, impls: list[str] | None = None) -> int:
@@ -271,14 +443,27 @@ def main(device: str | None, sizes: list[int] | None, output: str | None, impls:
     for n in plan["group_sizes"]:
         print(f"bench: grouped_advantages / segment_sum, n={n}", flush=True)
         records += bench_groups(n, dev)
+    print("bench: verifree_loss", flush=True)
+    records += bench_verifree_loss(256, 512, dev)
     for n, h, v in plan["logprob_shapes"]:
         print(f"bench: token_logprobs n={n} h={h} v={v}", flush=True)
         records += bench_logprobs(n, h, v, plan["dtype"], dev, impls=impls)
+    for shape, n_seq, seq_len in plan["train_steps"]:
+        print(f"bench: training step {shape}, {n_seq} x {seq_len} tokens", flush=True)
+        vocab = 151936 if dev.type == "cuda" else 32000
+        records += bench_train_step(shape, n_seq, seq_len, dev, plan["dtype"], vocab=vocab)
     env = environment(dev)
+    table = format_table(records)
     print(f"\ndevice: {env['device']}  torch {env['torch']}  triton {env['triton']}  date {env['date']}")
-    print(format_table(records))
+    print(table)
     if output:
         with open(output, "w") as f:
             json.dump({**env, "results": [r.to_json() for r in records]}, f, indent=2)
-        print(f"bench: wrote {output}")
+        md = output.rsplit(".", 1)[0] + ".md"
+        with open(md, "w") as f:
+            f.write(f"# pyvf bench: {env['device']}, {env['date']}\n\n"
+                    f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. "
+                    f"Command: `pyvf bench --output {output}`\n\n{table}\n")
+        chart = plot_records(records, output.rsplit(".", 1)[0] + ".png")
+        print(f"bench: wrote {output}, {md}" + (f", {chart}" if chart else ""))
     return 0

@@ -92,6 +92,22 @@ def _interpreter_meta(configs):
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_h, stride_w, inv_temp,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(hidden[rows] @ weight[cols].T) * inv_temp for one [BLOCK_N, BLOCK_V] tile, fp32."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        a = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols64[None, :] * stride_w + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc * inv_temp
+
+
 @_autotune(_FWD_CONFIGS, key=["H", "V_PER_SPLIT", "WITH_ENTROPY", "PRECISION"])
 @triton.jit
 def _forward_kernel(
@@ -119,17 +135,9 @@ def _forward_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        cols64 = cols.to(tl.int64)
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            a = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + cols64[None, :] * stride_w + ks[:, None],
-                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        z = tl.where(col_ok[None, :], acc * inv_temp, _NEG_BIG)
+        z = _logits_tile(h_ptr, w_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, H, stride_h, stride_w, inv_temp,
+                         PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        z = tl.where(col_ok[None, :], z, _NEG_BIG)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         d = z - m_new[:, None]
@@ -166,18 +174,8 @@ def _logits_grad_kernel(
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = v_start + local
     col_ok = (local < V_COUNT) & (cols < V)
-    cols64 = cols.to(tl.int64)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        a = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols64[None, :] * stride_w + ks[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    z = acc * inv_temp
+    z = _logits_tile(h_ptr, w_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, H, stride_h, stride_w, inv_temp,
+                     PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
 
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)

@@ -4,9 +4,12 @@ on the synthetic task's worked solutions.
 
     python -m pyvf.assets.build_model [--out DIR] [--steps 600]
 
-The warm-up is deliberately short: the model learns the format and part of the
-arithmetic, leaving room for `pyvf demo` to show what VeriFree adds. Deterministic on
-the CPU for a given torch version and thread count.
+The warm-up data has a bad habit built in: 60% of its worked solutions skip a step
+(they divide before adding what the question adds, or forget what was given away),
+so the warmed-up model usually reasons its way to a wrong answer. This is what
+`pyvf demo` shows VeriFree fixing: the reference answer is unlikely after a skipped
+step, so the reward favours the complete reasoning. Deterministic on the CPU for a
+given torch version and thread count.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ def tiny_qwen3_config(vocab_size: int, eos_id: int, pad_id: int):
     )
 
 
-def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int):
-    """(input_ids [B, L], targets [B, L]) with targets only on the completion and EOS."""
+def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut_fraction: float):
+    """(input_ids [B, L], targets [B, L]) with targets only on the completion and EOS.
+    A `shortcut_fraction` of the worked solutions skip a step and end at a wrong
+    answer: the habit the demo's VeriFree run has to unlearn."""
     problems = generate(n_examples, seed=seed)
     g = torch.Generator().manual_seed(seed)
+    shortcut = (torch.rand(len(problems), generator=g) < shortcut_fraction).tolist()
     while True:
         order = torch.randperm(len(problems), generator=g).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
@@ -49,7 +55,8 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int):
             for k in order[i:i + batch_size]:
                 p = problems[k]
                 prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-                completion = tokenizer(p.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                text = p.shortcut_completion if shortcut[k] else p.completion
+                completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 rows.append((prompt, completion))
             width = max(len(a) + len(b) for a, b in rows)
             ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -62,7 +69,8 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int):
             yield ids, targets
 
 
-def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50):
+def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50,
+          shortcut_fraction: float = 0.6):
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -70,12 +78,13 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
     config = tiny_qwen3_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     model = Qwen3ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}", flush=True)
+    print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}, "
+          f"{shortcut_fraction:.0%} shortcut solutions", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100)
+    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100, shortcut_fraction)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
@@ -104,8 +113,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shortcut-fraction", type=float, default=0.6)
     args = parser.parse_args(argv)
-    build(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    build(args.out, args.steps, args.batch_size, args.lr, args.seed, shortcut_fraction=args.shortcut_fraction)
     return 0
 
 

@@ -30,6 +30,8 @@ class Problem:
     solution: str           # the worked reasoning, ending before the answer
     answer: Fraction
     answers: tuple[str, ...]  # equivalent written forms, canonical first
+    shortcut: str = ""      # a plausible but wrong worked solution that skips a step
+    shortcut_answer: str = ""
 
     @property
     def prompt(self) -> str:
@@ -39,6 +41,11 @@ class Problem:
     def completion(self) -> str:
         """The reference completion: reasoning, then the answer (canonical form)."""
         return f" {self.solution} " + ANSWER_TEMPLATE.format(ref=self.answers[0])
+
+    @property
+    def shortcut_completion(self) -> str:
+        """A completion that skips a step and so ends at a wrong answer."""
+        return f" {self.shortcut} " + ANSWER_TEMPLATE.format(ref=self.shortcut_answer)
 
 
 def answer_forms(x: Fraction) -> tuple[str, ...]:
@@ -71,7 +78,7 @@ def _fmt(x: Fraction) -> str:
     return answer_forms(x)[0]
 
 
-def _share(rng: random.Random) -> tuple[str, str, Fraction]:
+def _share(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
     name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b, c = rng.randint(2, 30), rng.randint(1, 20), rng.randint(2, 9)
     total = Fraction(a + b)
@@ -79,10 +86,11 @@ def _share(rng: random.Random) -> tuple[str, str, Fraction]:
     q = (f"{name} has {a} {items} and buys {b} more, then shares them equally among {c} friends. "
          f"How many {items} does each friend get?")
     s = f"{a} + {b} = {a + b}. {a + b} / {c} = {_fmt(ans)}."
-    return q, s, ans
+    wrong = Fraction(a, c)
+    return q, s, ans, f"{a} / {c} = {_fmt(wrong)}.", wrong
 
 
-def _give_away(rng: random.Random) -> tuple[str, str, Fraction]:
+def _give_away(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
     name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
     c = rng.randint(2, 8)
     b = rng.randint(1, 15)
@@ -91,20 +99,22 @@ def _give_away(rng: random.Random) -> tuple[str, str, Fraction]:
     q = (f"{name} has {a} {items}, gives away {b}, and packs the rest equally into {c} boxes. "
          f"How many {items} go in each box?")
     s = f"{a} - {b} = {a - b}. {a - b} / {c} = {_fmt(ans)}."
-    return q, s, ans
+    wrong = Fraction(a, c)
+    return q, s, ans, f"{a} / {c} = {_fmt(wrong)}.", wrong
 
 
-def _packs(rng: random.Random) -> tuple[str, str, Fraction]:
+def _packs(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
     name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 10)
     ans = Fraction(a * b, c)
     q = (f"{name} buys {a} packs of {b} {items} and splits them equally among {c} children. "
          f"How many {items} does each child get?")
     s = f"{a} * {b} = {a * b}. {a * b} / {c} = {_fmt(ans)}."
-    return q, s, ans
+    wrong = Fraction(b, c)
+    return q, s, ans, f"{b} / {c} = {_fmt(wrong)}.", wrong
 
 
-def _pour(rng: random.Random) -> tuple[str, str, Fraction]:
+def _pour(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
     liquid = rng.choice(_LIQUIDS)
     a, b, c, d = rng.randint(2, 20), rng.randint(2, 20), rng.randint(1, 10), rng.randint(2, 8)
     c = min(c, a + b - 1)
@@ -112,17 +122,19 @@ def _pour(rng: random.Random) -> tuple[str, str, Fraction]:
     q = (f"A jug holds {a} liters of {liquid} and {b} more liters are added. {c} liters spill, and the rest "
          f"is poured equally into {d} bottles. How many liters are in each bottle?")
     s = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. {a + b - c} / {d} = {_fmt(ans)}."
-    return q, s, ans
+    wrong = Fraction(a + b, d)
+    return q, s, ans, f"{a} + {b} = {a + b}. {a + b} / {d} = {_fmt(wrong)}.", wrong
 
 
-def _rate(rng: random.Random) -> tuple[str, str, Fraction]:
+def _rate(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
     name = rng.choice(_NAMES)
     a, b, c = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 10)
     ans = Fraction(a * b, c)
     q = (f"{name} walks {a} km every hour for {b} hours, and the path has {c} equal parts. "
          f"How many km long is each part?")
     s = f"{a} * {b} = {a * b}. {a * b} / {c} = {_fmt(ans)}."
-    return q, s, ans
+    wrong = Fraction(a, c)
+    return q, s, ans, f"{a} / {c} = {_fmt(wrong)}.", wrong
 
 
 _TEMPLATES = [_share, _give_away, _packs, _pour, _rate]
@@ -135,6 +147,7 @@ def generate(n: int, seed: int = 0) -> list[Problem]:
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
-        q, s, ans = rng.choice(_TEMPLATES)(rng)
-        problems.append(Problem(question=q, solution=s, answer=ans, answers=answer_forms(ans)))
+        q, s, ans, shortcut, wrong = rng.choice(_TEMPLATES)(rng)
+        problems.append(Problem(question=q, solution=s, answer=ans, answers=answer_forms(ans), shortcut=shortcut,
+                                shortcut_answer=_fmt(wrong)))
     return problems
