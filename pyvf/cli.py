@@ -17,7 +17,7 @@ from pyvf.train.config import ConfigError
 
 DEMO_DEFAULTS = dict(
     model="builtin", data="synthetic", objective="verifree", output_dir="runs/demo", seed=0,
-    max_steps=60, prompts_per_step=8, group_size=8, max_new_tokens=48, lr=5e-5, max_seq_len=256,
+    max_steps=80, prompts_per_step=8, group_size=8, max_new_tokens=48, lr=3e-5, max_seq_len=256,
     micro_batch_tokens=16384, save_every=0,
 )
 

@@ -104,7 +104,7 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 

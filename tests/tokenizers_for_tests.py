@@ -8,7 +8,10 @@ import functools
 from pyvf.assets import load_tokenizer
 from pyvf.data.synthetic import generate
 
-EXTRA_TEXT = ["数学题的答案是 8/5。", "答えは 1.6 です", "Ünïcödé façade — naïve café", "emoji 😀 and 🚀 too"]
+# Also every character the splice tests use, so the Unigram model can encode them
+# without <unk> (the splicing contract assumes a lossless tokenizer).
+EXTRA_TEXT = ["数学题的答案是 8/5。", "答えは 1.6 です", "Ünïcödé façade — naïve café", "emoji 😀 and 🚀 too",
+              "中文 \\frac{1}{2} x + 1 = -2.25 <<answer>> </answer>"]
 
 
 @functools.lru_cache(maxsize=None)
