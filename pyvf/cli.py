@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--prompt-template", default="", help="prompt with {question} (default: the synthetic task's)")
-    ev.add_argument("--output", default=None, help="JSON file for the result (default: eval.json beside nothing)")
+    ev.add_argument("--output", default=None, help="JSON file for the result (default: eval.json)")
 
     demo = sub.add_parser("demo", help="evaluate, train with VeriFree on the CPU, evaluate again")
     demo.add_argument("--output-dir", default=DEMO_DEFAULTS["output_dir"])
