@@ -53,6 +53,29 @@ void segment_sum_kernel(const scalar_t* values, const int64_t* cu, const bool* m
 
 }  // namespace
 
+GroupLayout group_layout(const torch::Tensor& rewards, int64_t group_size,
+                         const std::optional<torch::Tensor>& offsets, const std::optional<torch::Tensor>& order) {
+  const int64_t B = rewards.numel();
+  GroupLayout layout{0, group_size, nullptr, nullptr};
+  if (!(offsets && offsets->defined())) {
+    TORCH_CHECK(group_size >= 1 && B % group_size == 0, "group_size must divide B");
+    layout.n_groups = B / group_size;
+    return layout;
+  }
+  TORCH_CHECK(offsets->device() == rewards.device() && offsets->scalar_type() == torch::kLong &&
+                  offsets->is_contiguous() && offsets->numel() >= 1,
+              "offsets must be contiguous int64 on the rewards' device");
+  layout.n_groups = offsets->numel() - 1;
+  layout.offsets = offsets->data_ptr<int64_t>();
+  if (order && order->defined()) {
+    TORCH_CHECK(order->device() == rewards.device() && order->scalar_type() == torch::kLong &&
+                    order->numel() == B && order->is_contiguous(),
+                "order must be contiguous int64 of length B on the rewards' device");
+    layout.order = order->data_ptr<int64_t>();
+  }
+  return layout;
+}
+
 torch::Tensor grouped_advantages_cpu(const torch::Tensor& rewards, int64_t group_size,
                                      const std::optional<torch::Tensor>& offsets,
                                      const std::optional<torch::Tensor>& order,
@@ -61,27 +84,11 @@ torch::Tensor grouped_advantages_cpu(const torch::Tensor& rewards, int64_t group
   const int64_t B = rewards.numel();
   auto out = torch::empty({B}, rewards.options().dtype(torch::kFloat));
   if (B == 0) return out;
-
-  const int64_t* off_ptr = nullptr;
-  const int64_t* order_ptr = nullptr;
-  int64_t n_groups;
-  if (offsets && offsets->defined()) {
-    TORCH_CHECK(offsets->scalar_type() == torch::kLong && offsets->is_contiguous(), "offsets must be contiguous int64");
-    n_groups = offsets->numel() - 1;
-    off_ptr = offsets->data_ptr<int64_t>();
-    TORCH_CHECK(n_groups >= 0 && off_ptr[0] == 0 && off_ptr[n_groups] == B, "offsets must span [0, B]");
-    if (order && order->defined()) {
-      TORCH_CHECK(order->scalar_type() == torch::kLong && order->numel() == B && order->is_contiguous(),
-                  "order must be contiguous int64 of length B");
-      order_ptr = order->data_ptr<int64_t>();
-    }
-  } else {
-    TORCH_CHECK(group_size >= 1 && B % group_size == 0, "group_size must divide B");
-    n_groups = B / group_size;
-  }
+  const GroupLayout g = group_layout(rewards, group_size, offsets, order);
+  TORCH_CHECK(!g.offsets || (g.offsets[0] == 0 && g.offsets[g.n_groups] == B), "offsets must span [0, B]");
   AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "grouped_advantages_cpu", [&] {
-    grouped_advantages_kernel<scalar_t>(rewards.data_ptr<scalar_t>(), out.data_ptr<float>(), n_groups,
-                                        group_size, off_ptr, order_ptr, static_cast<Estimator>(estimator), eps);
+    grouped_advantages_kernel<scalar_t>(rewards.data_ptr<scalar_t>(), out.data_ptr<float>(), g.n_groups,
+                                        g.group_size, g.offsets, g.order, static_cast<Estimator>(estimator), eps);
   });
   return out;
 }

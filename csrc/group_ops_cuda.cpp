@@ -35,26 +35,11 @@ torch::Tensor grouped_advantages_cuda(const torch::Tensor& rewards, int64_t grou
   auto out = torch::empty({B}, rewards.options().dtype(torch::kFloat));
   if (B == 0) return out;
 
-  const int64_t* off_ptr = nullptr;
-  const int64_t* order_ptr = nullptr;
-  int64_t n_groups;
-  if (offsets && offsets->defined()) {
-    TORCH_CHECK(offsets->is_cuda() && offsets->scalar_type() == torch::kLong && offsets->is_contiguous(),
-                "offsets must be contiguous int64 on the rewards' device");
-    n_groups = offsets->numel() - 1;
-    off_ptr = offsets->data_ptr<int64_t>();
-    if (order && order->defined()) {
-      TORCH_CHECK(order->is_cuda() && order->scalar_type() == torch::kLong && order->numel() == B,
-                  "order must be int64 of length B on the rewards' device");
-      order_ptr = order->data_ptr<int64_t>();
-    }
-  } else {
-    TORCH_CHECK(group_size >= 1 && B % group_size == 0, "group_size must divide B");
-    n_groups = B / group_size;
-  }
+  const GroupLayout g = group_layout(rewards, group_size, offsets, order);
+  const int64_t n_groups = g.n_groups;
   const double mean_size = n_groups > 0 ? static_cast<double>(B) / n_groups : 0.0;
   check_launch(cuda::launch_grouped_advantages(rewards.data_ptr(), launcher_dtype(rewards), out.data_ptr<float>(),
-                                               n_groups, group_size, off_ptr, order_ptr, mean_size,
+                                               n_groups, g.group_size, g.offsets, g.order, mean_size,
                                                static_cast<int>(estimator), eps,
                                                c10::cuda::getCurrentCUDAStream()),
                "grouped_advantages kernel");

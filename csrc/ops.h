@@ -10,6 +10,20 @@
 
 namespace pyvf {
 
+// How grouped_advantages' groups lie in the rewards: contiguous runs of group_size
+// (offsets null), or order[offsets[k]:offsets[k + 1]] (identity when order is null).
+struct GroupLayout {
+  int64_t n_groups;
+  int64_t group_size;
+  const int64_t* offsets;
+  const int64_t* order;
+};
+
+// Checks the layout arguments against rewards (dtype, length, device) without
+// reading device memory; shared by the CPU and CUDA entry points.
+GroupLayout group_layout(const torch::Tensor& rewards, int64_t group_size,
+                         const std::optional<torch::Tensor>& offsets, const std::optional<torch::Tensor>& order);
+
 // rewards [B] float32/float64. Groups are either contiguous runs of `group_size`
 // (offsets empty) or, with `offsets` [n_groups + 1] int64, the positions
 // order[offsets[k]:offsets[k + 1]] (identity when `order` is empty).

@@ -250,12 +250,16 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
 
 @functools.lru_cache(maxsize=None)
 def _mm_out_dtype_works(device_type: str) -> bool:
+    """Whether this torch accumulates a low-precision GEMM straight into an fp32 output
+    (`addmm(..., out_dtype=, out=acc)`, CUDA in recent torch); probed once, in the exact
+    form used below, with a result check."""
     a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    acc = torch.ones(2, 2, device=device_type)
     try:
-        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
-        return True
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+    return bool((acc == 3).all())
 
 
 def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
