@@ -129,3 +129,22 @@ def test_eval_on_jsonl(tmp_path):
     result = json.loads(out.read_text())
     assert result["n"] == 6 and 0.0 <= result["accuracy"] <= 1.0
     assert result["correct"] == sum(d["correct"] for d in result["details"])
+
+
+@pytest.mark.parametrize("objective", ["verifree", "rlpr", "nover", "verifier"])
+def test_every_objective_trains(tmp_path, objective):
+    out = tmp_path / objective
+    assert cli(["train", "--objective", objective, "--max-steps", "2", "--output-dir", str(out), *FAST]) == 0
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in records)
+
+
+def test_other_objectives_refuse_torchrun(monkeypatch):
+    from pyvf.train import distributed
+    from pyvf.train.config import ConfigError, from_dict
+    from pyvf.train.trainer import train
+
+    monkeypatch.setattr(distributed, "setup", lambda device: (0, 2, torch.device("cpu")))
+    with pytest.raises(ConfigError, match="runs in a single process"):
+        train(from_dict({"objective": "rlpr", "max_steps": 1, "prompts_per_step": 2}))

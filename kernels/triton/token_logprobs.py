@@ -291,7 +291,7 @@ def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, inv
     for v_start in range(0, v, chunk):
         count = min(chunk, v - v_start)
         dz = workspace[:, :count]
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(count, meta["BLOCK_V"]))  # noqa: E731
+        grid = lambda meta, count=count: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(count, meta["BLOCK_V"]))  # noqa: E731
         _logits_grad_kernel[grid](
             hidden, weight, targets, lse, ent_arg, grad_logp, ge_arg, workspace,
             n, v, h, hidden.stride(0), weight.stride(0), workspace.stride(0), inv_temp,

@@ -20,7 +20,7 @@ class TrainConfig:
     # what to train
     model: str = "builtin"               # "builtin" (the shipped tiny model) or a Hugging Face model directory
     data: str = "synthetic"              # "synthetic" or a JSONL file with question/answer rows
-    objective: str = "verifree"
+    objective: str = "verifree"           # verifree, rlpr, nover or verifier
     output_dir: str = "runs/pyvf"
     seed: int = 0
 
@@ -54,7 +54,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
 
-    objectives: typing.ClassVar[tuple[str, ...]] = ("verifree",)
+    objectives: typing.ClassVar[tuple[str, ...]] = ("verifree", "rlpr", "nover", "verifier")
 
     def validate(self) -> "TrainConfig":
         if self.objective not in self.objectives:

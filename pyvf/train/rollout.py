@@ -15,6 +15,7 @@ import torch
 class Completion:
     ids: list[int]        # sampled tokens, through EOS when one was sampled
     truncated: bool       # hit max_new_tokens without EOS
+    logprobs: list[float] | None = None  # log-prob of each sampled token under the sampling policy
 
 
 class RolloutEngine(Protocol):
@@ -51,16 +52,23 @@ class HFGenerate:
             out = self.model.generate(
                 inputs, attention_mask=torch.ones_like(inputs), do_sample=True, temperature=temperature,
                 top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id, synced_gpus=self.synced,
+                pad_token_id=self.pad_id, synced_gpus=self.synced, output_scores=True,
+                return_dict_in_generate=True,
             )
         finally:
             self.model.train(was_training)
+        tokens = out.sequences[:, len(prompt_ids):]
+        # The scores are the processed (temperature-scaled) logits each token was drawn
+        # from: their log-softmax at the drawn token is the rollout log-prob.
+        logprobs = torch.stack([torch.log_softmax(scores.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
+                                for t, scores in enumerate(out.scores)], dim=1).tolist()
         completions = []
-        for row in out[:, len(prompt_ids):].tolist():
+        for row, lp in zip(tokens.tolist(), logprobs):
             if self.eos_id in row:
-                completions.append(Completion(row[:row.index(self.eos_id) + 1], truncated=False))
+                end = row.index(self.eos_id) + 1
+                completions.append(Completion(row[:end], truncated=False, logprobs=lp[:end]))
             else:
-                completions.append(Completion(row, truncated=True))
+                completions.append(Completion(row, truncated=True, logprobs=lp))
         return completions
 
 

@@ -6,6 +6,8 @@
     -> backward -> grad-norm clip -> AdamW step -> metrics, checkpoint.
 
 One optimizer step per rollout batch, on-policy, no reference model (DESIGN.md 1.1).
+The other objectives (`--objective rlpr|nover|verifier`, pyvf/objectives.py) take the
+same loop with their rewards computed before the gradient forward.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from pyvf.data import dataset
 from pyvf.data.synthetic import PROMPT_TEMPLATE
 from pyvf.losses import verifree_loss
-from pyvf.packing import Sequence, pack, plan_micro_batches
+from pyvf.objectives import OBJECTIVES, Sampled, policy_gradient_loss, ppo_clip_loss
+from pyvf.ops import grouped_advantages
+from pyvf.packing import ROLE_REASONING, Sequence, pack, plan_micro_batches
 from pyvf.splice import splice_reference
 from pyvf.train import checkpoint, distributed
 from pyvf.train.config import ConfigError, TrainConfig
@@ -63,6 +67,7 @@ class Rollout:
     n_completions: int
     truncated: int       # completions that hit max_new_tokens
     with_marker: int     # completions whose text contains the marker
+    samples: list[Sampled]  # the completions as sampled, for the other objectives
 
 
 def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples, indices: list[int],
@@ -71,6 +76,7 @@ def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples
     Prompt j (global index first_prompt + j in the step) forms group j."""
     seqs, completion, weights = [], [], []
     n_comp = truncated = with_marker = 0
+    samples_out = []
     for j, idx in enumerate(indices):
         ex = examples[idx]
         prompt_ids = tokenizer(render_prompt(cfg, ex.question), add_special_tokens=False)["input_ids"]
@@ -81,6 +87,8 @@ def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples
             spliced = splice_reference(tokenizer, sample.ids, list(ex.answers), marker=cfg.marker,
                                        answer_template=cfg.answer_template)
             with_marker += spliced[0].found
+            samples_out.append(Sampled(prompt_ids, sample.ids, sample.truncated, spliced, ex.answers, ex.weights, j,
+                                       sample.logprobs))
             if sample.truncated or not spliced[0].found:
                 # Reward 0; the completion as sampled still gets its policy-gradient term.
                 reasoning = sample.ids[:max(0, cfg.max_seq_len - len(prompt_ids))]
@@ -97,7 +105,7 @@ def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples
                     completion.append(n_comp)
                     weights.append(w)
             n_comp += 1
-    return Rollout(seqs, completion, weights, n_comp, truncated, with_marker)
+    return Rollout(seqs, completion, weights, n_comp, truncated, with_marker, samples_out)
 
 
 def _check_length_limit(cfg: TrainConfig, tokenizer, examples) -> None:
@@ -138,6 +146,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
         if rank == 0:
             log.info("resumed from %s at step %d", resume, state.step)
     policy = PolicyLogprobs(model, cfg.logprob_backend)
+    objective = None
+    if cfg.objective != "verifree":
+        if sharded:
+            raise ConfigError(f"objective {cfg.objective} runs in a single process; use verifree under torchrun")
+        objective = OBJECTIVES[cfg.objective](tokenizer, policy=policy)
     if sharded:
         distributed.shard(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -176,29 +189,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
             t_rollout = time.perf_counter() - t0
 
             policy.train()
-            lengths = [len(s) for s in rollout.sequences]
-            groups = [s.group for s in rollout.sequences]
-            sums = dict(loss=0.0, reward=0.0, reward_sq=0.0, adv_sq=0.0, found=0.0, reasoning_len=0.0,
-                        answer_len=0.0, tokens=0.0, completions=0.0, truncated=float(rollout.truncated),
-                        marker=float(rollout.with_marker))
-            for mb in plan_micro_batches(lengths, groups, cfg.micro_batch_tokens):
-                batch = pack([rollout.sequences[i] for i in mb])
-                comp = torch.tensor([rollout.completion[i] for i in mb])
-                logprobs = policy(batch, cfg.temperature)
-                out = verifree_loss(logprobs, batch.roles.to(device), batch.cu_seqlens.to(device),
-                                    batch.groups.to(device), completion=comp.to(device),
-                                    weights=torch.tensor([rollout.weights[i] for i in mb], device=device),
-                                    num_completions_total=rollout.n_completions)
-                out.loss.backward()
-                sums["loss"] += out.loss.item()
-                sums["reward"] += out.rewards.sum().item()
-                sums["reward_sq"] += (out.rewards.double() ** 2).sum().item()
-                sums["adv_sq"] += (out.advantages.double() ** 2).sum().item()
-                sums["found"] += out.found.sum().item()
-                sums["reasoning_len"] += out.reasoning_len.sum().item()
-                sums["answer_len"] += out.answer_len.sum().item()
-                sums["tokens"] += batch.input_ids.numel()
-                sums["completions"] += out.rewards.numel()
+            sums = new_sums(rollout)
+            accumulate_gradients(cfg, objective, policy, rollout, step, device, sums)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -252,6 +244,74 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
         metrics.close()
     distributed.teardown()
     return record
+
+
+def new_sums(rollout: Rollout) -> dict:
+    return dict(loss=0.0, reward=0.0, reward_sq=0.0, adv_sq=0.0, found=0.0, reasoning_len=0.0, answer_len=0.0,
+                tokens=0.0, completions=0.0, truncated=float(rollout.truncated), marker=float(rollout.with_marker))
+
+
+def accumulate_gradients(cfg, objective, policy, rollout, step, device, sums) -> None:
+    """Backward of one rollout batch (gradients accumulate in the parameters; sums
+    collects the metrics)."""
+    if objective is not None:
+        _objective_step(cfg, objective, policy, rollout, step, device, sums)
+        return
+    lengths = [len(s) for s in rollout.sequences]
+    groups = [s.group for s in rollout.sequences]
+    for mb in plan_micro_batches(lengths, groups, cfg.micro_batch_tokens):
+        batch = pack([rollout.sequences[i] for i in mb])
+        comp = torch.tensor([rollout.completion[i] for i in mb])
+        logprobs = policy(batch, cfg.temperature)
+        out = verifree_loss(logprobs, batch.roles.to(device), batch.cu_seqlens.to(device), batch.groups.to(device),
+                            completion=comp.to(device),
+                            weights=torch.tensor([rollout.weights[i] for i in mb], device=device),
+                            num_completions_total=rollout.n_completions)
+        out.loss.backward()
+        sums["loss"] += out.loss.item()
+        sums["reward"] += out.rewards.sum().item()
+        sums["reward_sq"] += (out.rewards.double() ** 2).sum().item()
+        sums["adv_sq"] += (out.advantages.double() ** 2).sum().item()
+        sums["found"] += out.found.sum().item()
+        sums["reasoning_len"] += out.reasoning_len.sum().item()
+        sums["answer_len"] += out.answer_len.sum().item()
+        sums["tokens"] += batch.input_ids.numel()
+        sums["completions"] += out.rewards.numel()
+
+
+def _objective_step(cfg, objective, policy, rollout, step, device, sums) -> None:
+    """Rewards from the objective (before the gradient forward), GRPO advantages over
+    the kept groups, then the policy gradient on the sampled completions."""
+    samples = rollout.samples
+    rewards = objective.rewards(samples, policy, cfg.temperature, step).float()
+    groups = torch.tensor([s.group for s in samples])
+    keep = objective.keep(rewards, groups)
+    advantages = grouped_advantages(rewards, groups, estimator="grpo") * keep
+    limit = lambda s: s.ids[:max(0, cfg.max_seq_len - len(s.prompt_ids))]  # noqa: E731
+    seqs = [Sequence(s.prompt_ids, limit(s), [], group=s.group) for s in samples]
+    clipped = getattr(objective, "clipped", False)
+    for mb in plan_micro_batches([len(q) for q in seqs], groups.tolist(), cfg.micro_batch_tokens):
+        batch = pack([seqs[i] for i in mb])
+        logprobs = policy(batch, cfg.temperature)
+        roles, cu = batch.roles.to(device), batch.cu_seqlens.to(device)
+        if clipped:
+            # Rollout log-probs onto the packed rows that predict each completion token.
+            old = torch.zeros_like(logprobs)
+            rows = (batch.roles == ROLE_REASONING).nonzero().squeeze(1)
+            old[rows.to(device)] = torch.tensor([lp for i in mb for lp in samples[i].logprobs[:len(seqs[i].reasoning_ids)]],
+                                                dtype=logprobs.dtype, device=device)
+            loss = ppo_clip_loss(logprobs, old, roles, cu, advantages[mb].to(device), len(samples))
+        else:
+            loss = policy_gradient_loss(logprobs, roles, cu, advantages[mb].to(device), len(samples))
+        loss.backward()
+        sums["loss"] += loss.item()
+        sums["tokens"] += batch.input_ids.numel()
+    sums["reward"] += rewards.sum().item()
+    sums["reward_sq"] += (rewards.double() ** 2).sum().item()
+    sums["adv_sq"] += (advantages.double() ** 2).sum().item()
+    sums["found"] += float(sum(not s.truncated and s.spliced[0].found for s in samples))
+    sums["reasoning_len"] += float(sum(len(q.reasoning_ids) for q in seqs))
+    sums["completions"] += len(samples)
 
 
 def _save(out_dir, policy, optimizer, state, tokenizer, sharded, rank) -> None:
