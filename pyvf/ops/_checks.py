@@ -10,9 +10,13 @@ import torch
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
 
-def check_1d_floating(name: str, t) -> None:
+def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_1d_floating(name: str, t) -> None:
+    check_tensor(name, t)
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -20,8 +24,7 @@ def check_1d_floating(name: str, t) -> None:
 
 
 def check_1d_integer(name: str, t, length: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:

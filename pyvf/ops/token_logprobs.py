@@ -12,7 +12,7 @@ import sys
 import torch
 
 from pyvf._native import native
-from pyvf.ops._checks import check_same_device
+from pyvf.ops._checks import check_same_device, check_tensor
 from pyvf.ops.reference import token_logprobs_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -128,8 +128,7 @@ class TokenLogprobs(torch.autograd.Function):
 
 def _validate(hidden, weight, targets, temperature, ignore_index):
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
     if not hidden.is_floating_point():
