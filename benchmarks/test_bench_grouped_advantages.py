@@ -11,18 +11,12 @@ import pytest
 import torch
 
 from conftest import run_timed
+from pyvf.bench import composite_advantages
 from pyvf.ops import grouped_advantages
 
 G = 8
 SIZES = [10**3, 10**4, 10**5, 10**6, 16 * 10**6]
 CPU_MAX = 10**6
-
-
-def composite(rewards, estimator, eps=1e-6):
-    x = rewards.view(-1, G)
-    if estimator == "rloo":
-        return (x - (x.sum(1, keepdim=True) - x) / (G - 1)).view(-1)
-    return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + eps)).view(-1)
 
 
 def copy(rewards, out):
@@ -41,6 +35,6 @@ def test_grouped_advantages(benchmark, device, sync, impl, estimator, n):
     if impl == "pyvf":
         run_timed(benchmark, sync, grouped_advantages, rewards, G, estimator=estimator)
     elif impl == "torch-composite":
-        run_timed(benchmark, sync, composite, rewards, estimator)
+        run_timed(benchmark, sync, composite_advantages, rewards, G, estimator)
     else:
         run_timed(benchmark, sync, copy, rewards, torch.empty_like(rewards))

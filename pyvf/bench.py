@@ -193,9 +193,14 @@ def bench_logprobs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.dev
     return records
 
 
-def _composite_grpo(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def composite_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo",
+                         eps: float = 1e-6) -> torch.Tensor:
+    """The idiomatic PyTorch composite (view, mean/sum, std) that grouped_advantages is
+    measured against, for contiguous groups."""
     x = rewards.view(-1, group_size)
-    return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)).view(-1)
+    if estimator == "rloo":
+        return (x - (x.sum(1, keepdim=True) - x) / (group_size - 1)).view(-1)
+    return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + eps)).view(-1)
 
 
 def bench_groups(n: int, device: torch.device, group_size: int = 8) -> list[Record]:
@@ -208,7 +213,7 @@ def bench_groups(n: int, device: torch.device, group_size: int = 8) -> list[Reco
     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff())
     cases = [
         ("grouped_advantages", "pyvf", lambda: grouped_advantages(rewards, group_size, estimator="grpo")),
-        ("grouped_advantages", "torch-composite", lambda: _composite_grpo(rewards, group_size)),
+        ("grouped_advantages", "torch-composite", lambda: composite_advantages(rewards, group_size)),
         ("grouped_advantages", "copy", lambda: out.copy_(rewards)),
         ("segment_sum", "pyvf", lambda: segment_sum(rewards, cu)),
         ("segment_sum", "torch-index_add",

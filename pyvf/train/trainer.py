@@ -80,6 +80,7 @@ def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples
     for j, idx in enumerate(indices):
         ex = examples[idx]
         prompt_ids = tokenizer(render_prompt(cfg, ex.question), add_special_tokens=False)["input_ids"]
+        room = max(0, cfg.max_seq_len - len(prompt_ids))  # reasoning tokens that fit after the prompt
         samples = engine.sample(prompt_ids, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, seed=prompt_seed(cfg.seed, step, first_prompt + j))
         for sample in samples:
@@ -91,14 +92,14 @@ def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples
                                        sample.logprobs))
             if sample.truncated or not spliced[0].found:
                 # Reward 0; the completion as sampled still gets its policy-gradient term.
-                reasoning = sample.ids[:max(0, cfg.max_seq_len - len(prompt_ids))]
+                reasoning = sample.ids[:room]
                 seqs.append(Sequence(prompt_ids, reasoning, [], group=j))
                 completion.append(n_comp)
                 weights.append(1.0)
             else:
                 for s, w in zip(spliced, ex.weights):
                     answer = s.answer_ids
-                    reasoning = s.reasoning_ids[:max(0, cfg.max_seq_len - len(prompt_ids))]
+                    reasoning = s.reasoning_ids[:room]
                     if len(prompt_ids) + len(reasoning) + len(answer) > cfg.max_seq_len:
                         answer = []  # over the length limit: reward 0
                     seqs.append(Sequence(prompt_ids, reasoning, answer, group=j))
