@@ -73,5 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("targets"), pybind11::arg("lse"),
         pybind11::arg("entropy"), pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"),
         pybind11::arg("inv_temp"), pybind11::arg("chunk_bytes"));
+  m.def("policy_loss_cpu", &pyvf::policy_loss_cpu, "policy_loss values and gradients in one pass (CPU)",
+        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("targets"), pybind11::arg("coeffs"),
+        pybind11::arg("entropy_coeffs"), pybind11::arg("inv_temp"), pybind11::arg("need_d_hidden"),
+        pybind11::arg("need_d_weight"), pybind11::arg("chunk_bytes"));
   m.def("build_info", &pyvf::build_info, "backends compiled into this module");
 }

@@ -51,6 +51,16 @@ std::vector<torch::Tensor> token_logprobs_backward_cpu(const torch::Tensor& hidd
                                                        const std::optional<torch::Tensor>& grad_entropy,
                                                        double inv_temp, int64_t chunk_bytes);
 
+// policy_loss on the CPU: the forward values and the gradients of
+// sum_t coeffs[t] * logp[t] + sum_t entropy_coeffs[t] * entropy[t] in one pass per row
+// chunk (no recompute). Same input contract as token_logprobs (all rows valid);
+// coeffs/entropy_coeffs [N]. -> {logp, entropy (compute dtype), d_hidden, d_weight
+// (inputs' dtypes; undefined when not asked for)}.
+std::vector<torch::Tensor> policy_loss_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                           const torch::Tensor& targets, const torch::Tensor& coeffs,
+                                           const std::optional<torch::Tensor>& entropy_coeffs, double inv_temp,
+                                           bool need_d_hidden, bool need_d_weight, int64_t chunk_bytes);
+
 #ifdef PYVF_WITH_CUDA
 torch::Tensor grouped_advantages_cuda(const torch::Tensor& rewards, int64_t group_size,
                                       const std::optional<torch::Tensor>& offsets,

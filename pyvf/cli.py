@@ -6,6 +6,7 @@ set PYVF_DEBUG=1 to see the traceback instead."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pyvf.train.config import help_text
+    from pyvf.train.config import TrainConfig, help_text
 
     parser = argparse.ArgumentParser(prog="pyvf", description="Verifier-free RL for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with VeriFree. Every config key can be given as --key value.",
         epilog="config keys (YAML/TOML file via --config, each overridable on the command line):\n" + help_text())
     train.add_argument("--config", default=None, help="YAML or TOML file of config keys")
-    train.add_argument("--resume", default=None, help="checkpoint directory (or run directory) to continue from")
+    train.add_argument("--resume", default=None, metavar="RUN_OR_CHECKPOINT",
+                       help="continue a run: its saved config, its output directory, its step budget; keys given "
+                            "on the command line override the saved ones (each override is printed)")
+    train.add_argument("--force-override", action="store_true",
+                       help="with --resume: allow overriding what makes it another run (" +
+                            ", ".join(TrainConfig.IDENTITY) + ")")
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on a dataset")
     ev.add_argument("--model", default="builtin", help="model directory, or builtin")
@@ -71,13 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_config(resume: str, values: dict, *, force: bool = False, announce=print):
+    """The config of a resumed run: the one saved with the checkpoint, with `values`
+    (from --config and the command line) on top. stop_after never carries over, the
+    output stays in the run's directory unless output_dir is given, and changing what
+    makes it another run (TrainConfig.IDENTITY) is an error unless `force`."""
+    from pyvf.train import checkpoint
+    from pyvf.train import config as config_mod
+
+    saved_values = checkpoint.saved_config(resume)
+    known = {f.name for f in dataclasses.fields(config_mod.TrainConfig)}
+    dropped = sorted(set(saved_values) - known)
+    if dropped:
+        announce(f"resume: ignoring saved keys this version does not know: {', '.join(dropped)}")
+    saved = config_mod.from_dict({k: v for k, v in saved_values.items() if k in known})
+    for key in config_mod.TrainConfig.PER_INVOCATION:
+        setattr(saved, key, getattr(config_mod.TrainConfig, key))
+    saved.output_dir = str(checkpoint.run_dir(resume))
+    cfg = config_mod.from_dict(values, base=saved)
+    for key in sorted(values):
+        name = key.replace("-", "_")
+        old, new = getattr(saved, name), getattr(cfg, name)
+        if old == new:
+            continue
+        if name in config_mod.TrainConfig.IDENTITY and not force:
+            raise ConfigError(f"--resume: {name} was {old!r} in this run; overriding it to {new!r} makes another "
+                              f"run (add --force-override to do it anyway)")
+        announce(f"resume: {name} {old!r} -> {new!r}")
+    return cfg
+
+
 def _train(args, extra: list[str]) -> int:
     from pyvf.train import config as config_mod
     from pyvf.train.trainer import train
 
     values = config_mod.load_file(args.config) if args.config else {}
     values.update(config_mod.parse_overrides(extra))
-    cfg = config_mod.from_dict(values).validate()
+    if args.force_override and not args.resume:
+        raise ConfigError("--force-override only applies with --resume")
+    if args.resume:
+        cfg = resume_config(args.resume, values, force=args.force_override).validate()
+    else:
+        cfg = config_mod.from_dict(values).validate()
     record = train(cfg, resume=args.resume)
     if record and os.environ.get("RANK", "0") == "0":
         print(f"train: step {record['step']} loss {record['loss']:.4f} reward {record['reward_mean']:.3f} "

@@ -105,8 +105,17 @@ def _render(answer_template: str, reference: str) -> tuple[str, int, int]:
     return rendered, start, start + len(reference)
 
 
+def render_answer(tokenizer, answer_template: str, reference: str) -> tuple[list[int], slice]:
+    """The reference rendered with `answer_template`, tokenized on its own, and the slice
+    of those tokens that overlaps the reference's characters."""
+    rendered, start, end = _render(answer_template, reference)
+    answer_ids = _encode(tokenizer, rendered)
+    return answer_ids, _reference_span(tokenizer, rendered, answer_ids, start, end)
+
+
 def _splice_one(tokenizer, ids: list[int], text: str, reference: str, marker: str, answer_template: str,
-                reasoning: tuple[list[int], int, bool] | None) -> tuple[Spliced, tuple[list[int], int, bool]]:
+                reasoning: tuple[list[int], int, bool] | None, include_marker: bool = True
+                ) -> tuple[Spliced, tuple[list[int], int, bool]]:
     if not isinstance(reference, str) or not reference.strip():
         raise ValueError(f"reference must be a non-empty, non-whitespace string, got {reference!r}")
     if reasoning is None:
@@ -114,7 +123,7 @@ def _splice_one(tokenizer, ids: list[int], text: str, reference: str, marker: st
         if pos < 0:
             reasoning = (list(ids), len(ids), False)
         else:
-            want = text[:pos] + marker
+            want = text[:pos] + (marker if include_marker else "")
             k = _kept_prefix(tokenizer, ids, text[:pos])
             while True:
                 kept = ids[:k]
@@ -129,14 +138,13 @@ def _splice_one(tokenizer, ids: list[int], text: str, reference: str, marker: st
     reasoning_ids, n_kept, found = reasoning
     if not found:
         return Spliced(reasoning_ids, [], slice(0, 0), False, n_kept, reference), reasoning
-    rendered, start, end = _render(answer_template, reference)
-    answer_ids = _encode(tokenizer, rendered)
-    span = _reference_span(tokenizer, rendered, answer_ids, start, end)
+    answer_ids, span = render_answer(tokenizer, answer_template if include_marker else marker + answer_template,
+                                     reference)
     return Spliced(list(reasoning_ids), answer_ids, span, True, n_kept, reference), reasoning
 
 
 def splice_reference(tokenizer, completion_ids, reference, *, marker: str = DEFAULT_MARKER,
-                     answer_template: str = DEFAULT_ANSWER_TEMPLATE):
+                     answer_template: str = DEFAULT_ANSWER_TEMPLATE, include_marker: bool = True):
     """Cuts a sampled completion at the first `marker` and appends the reference answer.
 
     tokenizer: a Hugging Face fast tokenizer. completion_ids: the sampled token ids
@@ -146,6 +154,8 @@ def splice_reference(tokenizer, completion_ids, reference, *, marker: str = DEFA
     `answer_ids` (the rendered answer tokenized on its own), `reference_span` (the
     slice of answer_ids overlapping the reference's characters), `found` and `n_kept`.
     Without a marker: reasoning_ids is the completion unchanged, answer_ids empty.
+    `include_marker=False` cuts before the marker instead and starts the answer with it
+    (marker + rendered template), for methods that score the whole answer block (NOVER).
     """
     if not isinstance(marker, str) or not marker:
         raise ValueError(f"marker must be a non-empty string, got {marker!r}")
@@ -158,6 +168,6 @@ def splice_reference(tokenizer, completion_ids, reference, *, marker: str = DEFA
     text = _decode(tokenizer, ids)
     results, reasoning = [], None
     for ref in references:
-        result, reasoning = _splice_one(tokenizer, ids, text, ref, marker, answer_template, reasoning)
+        result, reasoning = _splice_one(tokenizer, ids, text, ref, marker, answer_template, reasoning, include_marker)
         results.append(result)
     return results if isinstance(reference, (list, tuple)) else results[0]

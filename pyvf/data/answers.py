@@ -1,13 +1,44 @@
-"""Reading and comparing final answers: the last \\boxed{...} of a text, normalized
-so that equivalent forms (8/5, 1.6, 1.60, \\frac{8}{5}) compare equal."""
+"""Reading and comparing final answers: the last \\boxed{...} of a text, and answer
+equivalence for the verifier baseline (docs/algorithms.md, "Verifier baseline").
+
+Two backends decide whether a predicted answer matches a reference:
+
+- "math-verify" (PyPI `math-verify`, the optional extra `pyvf[math]`): LaTeX, fractions,
+  percentages, sets, intervals, units in \\text{}, symbolic equality. Used when installed.
+- "normalizer": pyvf's own exact comparison (whitespace, \\boxed, \\text, numbers such as
+  8/5, 1.6 and \\frac{8}{5} as exact fractions, case-insensitive text). Always available,
+  and the fallback when math-verify is not installed.
+
+With math-verify, an answer counts as equivalent when the normalizer already says so or
+math-verify does; answers that read as words (a run of two or more letters outside a
+LaTeX command or \\text{}) are compared by the normalizer only, because math-verify parses
+"Paris" as the product of the symbols P, a, r, i, s (so it would equal "Pairs").
+Each backend is logged the first time it is used (logger "pyvf").
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from fractions import Fraction
+
+log = logging.getLogger("pyvf")
 
 _FRAC = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_TEXT_BLOCK = re.compile(r"\\(?:text|mathrm|textbf|mbox)\{[^{}]*\}")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+BACKENDS = ("auto", "math-verify", "normalizer")
+
+# Set to False to force the normalizer everywhere (tests use it to exercise the fallback).
+USE_MATH_VERIFY = True
+
+_math_verify = None           # the imported module, once looked up
+_math_verify_looked_up = False
+_logged_backends: set[str] = set()
 
 
 def last_boxed(text: str) -> str | None:
@@ -55,8 +86,79 @@ def normalize(answer: str) -> str | Fraction:
     return " ".join(s.lower().split())
 
 
-def is_equivalent(prediction: str | None, references: list[str]) -> bool:
+def _load_math_verify():
+    global _math_verify, _math_verify_looked_up
+    if not _math_verify_looked_up:
+        _math_verify_looked_up = True
+        try:
+            import math_verify
+            _math_verify = math_verify
+        except ImportError:
+            _math_verify = None
+    return _math_verify
+
+
+def answer_backend(backend: str = "auto") -> str:
+    """The backend `is_equivalent` uses for `backend`: "math-verify" or "normalizer".
+    "auto" picks math-verify when it is installed (and USE_MATH_VERIFY is set); asking
+    for "math-verify" explicitly when it is missing is an error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "normalizer":
+        chosen = "normalizer"
+    else:
+        available = USE_MATH_VERIFY and _load_math_verify() is not None
+        if backend == "math-verify" and not available:
+            raise ValueError("backend='math-verify' needs the package math-verify (pip install 'pyvf[math]')")
+        chosen = "math-verify" if available else "normalizer"
+    if chosen not in _logged_backends:
+        _logged_backends.add(chosen)
+        if chosen == "math-verify":
+            from importlib.metadata import version
+            log.info("answer equivalence: math-verify %s (with pyvf's normalizer for textual answers)",
+                     version("math-verify"))
+        else:
+            log.info("answer equivalence: pyvf's normalizer (install math-verify, pip install 'pyvf[math]', "
+                     "for LaTeX, sets, intervals and percentages)")
+    return chosen
+
+
+def _reads_as_words(answer: str) -> bool:
+    stripped = _LATEX_COMMAND.sub(" ", _TEXT_BLOCK.sub(" ", answer))
+    return _WORD.search(stripped) is not None
+
+
+def _math_verify_equal(prediction: str, reference: str) -> bool:
+    mv = _load_math_verify()
+    # math-verify's timeouts use SIGALRM, which only the main thread may set.
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
+    try:
+        gold = mv.parse(f"${reference}$", parsing_timeout=timeout)
+        pred = mv.parse(f"${prediction}$", parsing_timeout=timeout)
+        if not gold or not pred:
+            return False
+        return bool(mv.verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # a parser failure on odd input is a non-match, never a crash mid-training
+        return False
+
+
+def equivalent_pair(prediction: str, reference: str, *, backend: str = "auto") -> bool:
+    """Whether one predicted answer matches one reference under `backend`."""
+    if normalize(prediction) == normalize(reference):
+        return True
+    if answer_backend(backend) == "normalizer":
+        return False
+    if _reads_as_words(prediction) or _reads_as_words(reference):
+        return False
+    return _math_verify_equal(prediction, reference)
+
+
+def is_equivalent(prediction: str | None, references: list[str], *, backend: str = "auto") -> bool:
+    """True when `prediction` matches any of `references` (None never matches)."""
     if prediction is None:
         return False
-    p = normalize(prediction)
-    return any(p == normalize(r) for r in references)
+    return any(equivalent_pair(prediction, r, backend=backend) for r in references)
+
+
+__all__ = ["BACKENDS", "answer_backend", "equivalent_pair", "is_equivalent", "last_boxed", "normalize"]

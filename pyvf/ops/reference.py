@@ -80,3 +80,20 @@ def token_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets
         return logp
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, torch.where(valid, entropy, zero)
+
+
+def policy_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          coeffs: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                          entropy_coeffs: torch.Tensor | None = None):
+    """Float64 (loss, logprobs, entropy) through the full [N, V] logits: loss =
+    sum_t coeffs[t] logp[t] (+ sum_t entropy_coeffs[t] entropy[t]) over the rows that
+    are not ignored, differentiable w.r.t. hidden and weight; logprobs and entropy
+    detached, 0 on ignored rows."""
+    logp, entropy = token_logprobs_reference(hidden, weight, targets, temperature=temperature,
+                                             ignore_index=ignore_index, with_entropy=True)
+    valid = targets != ignore_index
+    zero = torch.zeros_like(logp)
+    loss = (torch.where(valid, coeffs.double(), zero) * logp).sum()
+    if entropy_coeffs is not None:
+        loss = loss + (torch.where(valid, entropy_coeffs.double(), zero) * entropy).sum()
+    return loss, logp.detach(), entropy.detach()

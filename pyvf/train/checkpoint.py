@@ -1,5 +1,5 @@
-"""Checkpoints: model weights (safetensors), optimizer state, RNG states, data position
-and config. Written into a temporary directory and renamed into place, so a crash
+"""Checkpoints: model weights (safetensors), optimizer state, RNG states, data position,
+config and the objective's own state (RLPR's filter and score-A cache, NOVER's proxy). Written into a temporary directory and renamed into place, so a crash
 never leaves a half-written checkpoint; `latest` names the newest complete one."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def staging_dir(directory: Path, step: int) -> Path:
 
 
 def save(directory: Path, *, model, model_state: dict, optimizer_state: dict | None, state: TrainerState,
-         tokenizer=None) -> Path:
+         tokenizer=None, objective_state: dict | None = None) -> Path:
     """Writes checkpoints/step-NNNNNN under `directory` atomically; returns its path.
     optimizer_state None means the ranks already staged their shards. The checkpoint
     is also a Hugging Face model directory (config.json, model.safetensors,
@@ -66,6 +66,7 @@ def save(directory: Path, *, model, model_state: dict, optimizer_state: dict | N
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(objective_state or {}, tmp / "objective.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(
         {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
     if final.exists():
@@ -88,9 +89,20 @@ def resolve(path: str | Path) -> Path:
     raise ValueError(f"--resume {path}: no checkpoint there (expected trainer_state.json or checkpoints/{LATEST})")
 
 
+def run_dir(path: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (where its metrics and checkpoints live)."""
+    ckpt = resolve(path)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def saved_config(path: str | Path) -> dict:
+    """The config a checkpoint (or a run's latest checkpoint) was trained with."""
+    return json.loads((resolve(path) / "trainer_state.json").read_text())["config"]
+
+
 def load(path: str | Path, *, rank: int | None = None):
-    """(model tensors, optimizer state, TrainerState) from a checkpoint; restores RNG
-    states. With `rank`, the optimizer state is that rank's shard."""
+    """(model tensors, optimizer state, TrainerState, objective state) from a checkpoint;
+    restores RNG states. With `rank`, the optimizer state is that rank's shard."""
     from safetensors.torch import load_file
 
     path = resolve(path)
@@ -101,5 +113,7 @@ def load(path: str | Path, *, rank: int | None = None):
     optimizer_state = torch.load(optimizer_file, weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
     meta = json.loads((path / "trainer_state.json").read_text())
+    objective_file = path / "objective.pt"
+    objective_state = torch.load(objective_file, weights_only=True) if objective_file.is_file() else {}
     _set_rng_state(rng)
-    return tensors, optimizer_state, TrainerState(meta["step"], meta["data_position"], meta["config"])
+    return tensors, optimizer_state, TrainerState(meta["step"], meta["data_position"], meta["config"]), objective_state

@@ -17,12 +17,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    # what to train
+    # what to train (changing one of these on --resume makes it another run: IDENTITY)
     model: str = "builtin"               # "builtin" (the shipped tiny model) or a Hugging Face model directory
     data: str = "synthetic"              # "synthetic" or a JSONL file with question/answer rows
-    objective: str = "verifree"           # verifree, rlpr, nover or verifier
+    objective: str = "verifree"          # verifree, rlpr, nover, verifier, or module:Class (see pyvf.objectives)
     output_dir: str = "runs/pyvf"
     seed: int = 0
+
+    # prompts
+    prompt_template: str = ""            # "" = the synthetic task's template; must contain {question}
+    chat_template: str = "auto"          # auto: apply the tokenizer's chat template when it has one; none: plain text
+    system_prompt: str = ""              # system turn (chat templates only)
+    assistant_prefix: str = ""           # text that starts the assistant turn, e.g. <think> for thinking models
 
     # rollout
     max_steps: int = 100
@@ -30,10 +36,25 @@ class TrainConfig:
     group_size: int = 8                  # samples per prompt (G); RLOO needs >= 2
     max_new_tokens: int = 64
     temperature: float = 1.0
-    prompt_template: str = ""            # "" = the synthetic task's template; must contain {question}
+    rollout: str = "hf"                  # hf (batched Hugging Face sampling) or vllm (in-process vLLM engine)
+    stop: str = "</answer>"              # generation also stops after this text ("" = only EOS / length); | separates several
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take
+    rollout_logprob_warn: float = 0.05   # warn when engine and trainer log-probs differ by more (mean abs)
     marker: str = "<answer"
     answer_template: str = "> \\boxed{{{ref}}} </answer>"
     max_seq_len: int = 512               # prompt + reasoning + answer; longer spliced sequences get reward 0
+
+    # loss (None: the objective's official default, see docs/algorithms.md)
+    loss_agg: str | None = None          # seq_mean_token_sum, token_mean or seq_mean_token_mean
+    lm_head_pass: str = "fused"          # fused (policy_loss, one pass) or autograd (token_logprobs + autograd)
+    clip_low: float | None = None        # PPO ratio clip below 1 (rlpr: 0.2)
+    clip_high: float | None = None       # PPO ratio clip above 1 (rlpr: 0.27)
+    entropy_coeff: float | None = None   # entropy bonus (rlpr: 0.001)
+    kl_beta: float | None = None         # k3 KL to the objective's reference model (nover: 0.1, to its proxy)
+    filter_beta: float = 0.5             # rlpr: keep a group iff its reward std >= filter_beta * EMA
+    filter_rounds: int = 4               # rlpr: extra sampling rounds at most to refill filtered groups
+    proxy_sync_every: int = 100          # nover: proxy <- alpha proxy + (1 - alpha) policy every N steps
+    proxy_alpha: float = 0.9
 
     # optimization (official VeriFree: lr 1e-6, betas (0.9, 0.95), clip 1.0)
     lr: float = 1e-6
@@ -54,30 +75,54 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
 
-    objectives: typing.ClassVar[tuple[str, ...]] = ("verifree", "rlpr", "nover", "verifier")
+    # Keys that make a run another run: --resume refuses to change them without --force-override.
+    IDENTITY: typing.ClassVar[tuple[str, ...]] = ("objective", "model", "data", "group_size", "seed")
+    # Keys that belong to one invocation and never carry over to a resumed run.
+    PER_INVOCATION: typing.ClassVar[tuple[str, ...]] = ("stop_after",)
 
     def validate(self) -> "TrainConfig":
-        if self.objective not in self.objectives:
-            raise ConfigError(f"objective must be one of {', '.join(self.objectives)}, got {self.objective!r}")
+        from pyvf.objectives import get_objective
+        from pyvf.objectives.base import LOSS_AGGREGATIONS
+
+        try:
+            get_objective(self.objective)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 for RLOO advantages, got {self.group_size}")
+            raise ConfigError(f"group_size must be >= 2 for group advantages, got {self.group_size}")
         for name in ("max_steps", "prompts_per_step", "max_new_tokens", "max_seq_len", "micro_batch_tokens",
-                     "n_synthetic"):
+                     "n_synthetic", "proxy_sync_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.filter_rounds < 0:
+            raise ConfigError(f"filter_rounds must be >= 0, got {self.filter_rounds}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("clip_low", "clip_high", "entropy_coeff", "kl_beta"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and value < float("inf")):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.proxy_alpha <= 1:
+            raise ConfigError(f"proxy_alpha must be in [0, 1], got {self.proxy_alpha}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.prompt_template and "{question}" not in self.prompt_template:
             raise ConfigError("prompt_template must contain {question}")
         if self.answer_template.count("{ref}") != 1:
             raise ConfigError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.loss_agg is not None and self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ConfigError(f"loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
+        choices = {"dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"), "rollout": ("hf", "vllm"),
+                   "lm_head_pass": ("fused", "autograd"), "chat_template": ("auto", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         return self
+
+    def stop_strings(self) -> list[str]:
+        return [s for s in self.stop.split("|") if s]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +136,8 @@ def _coerce(name: str, value):
     hint = typing.get_type_hints(TrainConfig)[name]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "default")):
+            return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     try:
         if hint is bool:

@@ -52,6 +52,23 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Element-wise sum of a CPU tensor over ranks (itself in one process)."""
+    if not dist.is_initialized():
+        return t
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+def all_max(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def full_model_state(policy: torch.nn.Module, sharded: bool) -> dict:
     """The policy's model weights as full CPU tensors (gathered when sharded)."""
     if not sharded:

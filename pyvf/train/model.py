@@ -1,8 +1,20 @@
 """Loading the policy and turning a packed batch into per-token log-probs without the
-model's full logits."""
+model's full logits.
+
+The decoder runs on the packed batch itself, padding-free: one row [1, T] whose
+position_ids restart at 0 in each sequence. With no attention mask and no cache,
+transformers reads the sequence boundaries from those position_ids: flash-attn takes the
+varlen path (cu_seqlens), PyTorch attention (sdpa, eager, flex) a block-diagonal causal
+mask. Where flash-attn is installed and the model runs on a GPU in half precision, the
+model is switched to it. A model that cannot take packed input (its attention ignores
+position_ids) is detected by a small probe at the first forward and gets the padded
+layout instead (`PackedBatch.padded()`); the choice is logged once per model.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +22,8 @@ from torch import nn
 
 from pyvf.ops import token_logprobs
 from pyvf.packing import PackedBatch
+
+log = logging.getLogger("pyvf")
 
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 
@@ -47,6 +61,107 @@ def load_weights(model: nn.Module, tensors: dict) -> None:
     model.tie_weights()
 
 
+FORWARD_MODES = ("packed", "padded")
+_MODE_ATTR = "_pyvf_forward_mode"
+
+
+def _flash_attention_implementation() -> str | None:
+    """The flash-attn implementation transformers can use here, best first."""
+    if importlib.util.find_spec("flash_attn_interface") is not None:  # FA3 (Hopper)
+        return "flash_attention_3"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def _attn_implementation(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _hidden_packed(model, batch: PackedBatch) -> torch.Tensor:
+    device = model.get_output_embeddings().weight.device
+    out = model.get_decoder()(input_ids=batch.input_ids.to(device)[None], position_ids=batch.position_ids.to(device)[None],
+                              use_cache=False)
+    return out.last_hidden_state[0]
+
+
+def _hidden_padded(model, batch: PackedBatch) -> torch.Tensor:
+    padded = batch.padded(pad_id=0)
+    device = model.get_output_embeddings().weight.device
+    out = model.get_decoder()(input_ids=padded.input_ids.to(device), attention_mask=padded.attention_mask.to(device),
+                              position_ids=padded.position_ids.to(device), use_cache=False)
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, padded.flat_positions().to(device))
+
+
+@torch.no_grad()
+def _packed_matches(model) -> bool:
+    """Whether the packed forward of two short sequences gives what each gives alone."""
+    from pyvf.packing import Sequence, pack
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 3)]
+    batch = pack([Sequence(s, [], [], group=i) for i, s in enumerate(seqs)])
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        packed = _hidden_packed(model, batch).float()
+        alone = torch.cat([_hidden_packed(model, pack([Sequence(s, [], [], group=0)])).float() for s in seqs])
+    finally:
+        model.train(was_training)
+    tol = 1e-3 if packed.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 5e-2
+    return bool(torch.isfinite(packed).all()) and float((packed - alone).norm() / alone.norm().clamp_min(1e-12)) < tol
+
+
+def choose_forward_mode(model, device: torch.device | None = None) -> str:
+    """Decides once per model how `decoder_hidden_states` runs it ("packed" or "padded"),
+    switching to flash-attn where it is installed and the model is in half precision on a
+    GPU, and logs the choice. Returns the mode."""
+    mode = getattr(model, _MODE_ATTR, None)
+    if mode is not None:
+        return mode
+    weight = model.get_output_embeddings().weight
+    device = device or weight.device
+    before = _attn_implementation(model)
+    flash = _flash_attention_implementation()
+    if (device.type == "cuda" and flash and weight.dtype in (torch.bfloat16, torch.float16)
+            and not before.startswith("flash_attention") and hasattr(model, "set_attn_implementation")):
+        try:
+            model.set_attn_implementation(flash)
+        except (ImportError, ValueError) as e:
+            log.warning("policy forward: %s unavailable (%s), keeping %s", flash, e, before)
+    impl = _attn_implementation(model)
+    mode = "packed" if _packed_matches(model) else None
+    if mode is None and impl != before:  # flash-attn did not take packed input: back to what it was
+        model.set_attn_implementation(before)
+        impl = before
+        mode = "packed" if _packed_matches(model) else None
+    mode = mode or "padded"
+    setattr(model, _MODE_ATTR, mode)
+    if mode == "packed":
+        how = "varlen" if impl.startswith("flash_attention") else "block-diagonal causal mask from position_ids"
+        log.info("policy forward: packed, padding-free (%s attention, %s)", impl, how)
+    else:
+        log.info("policy forward: padded (%s attention does not take packed input)", impl)
+    return mode
+
+
+def set_forward_mode(model, mode: str) -> None:
+    """Forces `decoder_hidden_states`' layout for this model (benchmarks, tests)."""
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
+    setattr(model, _MODE_ATTR, mode)
+
+
+def decoder_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+    """The decoder's last hidden states of a packed batch, [T, H] in packed order: the
+    rows `token_logprobs` pairs with batch.targets."""
+    if choose_forward_mode(model) == "packed":
+        return _hidden_packed(model, batch)
+    return _hidden_padded(model, batch)
+
+
 class PolicyLogprobs(nn.Module):
     """Wraps a causal LM so that one forward returns per-token log-probs of the packed
     batch's targets: the decoder gives hidden states, `token_logprobs` applies the
@@ -59,13 +174,7 @@ class PolicyLogprobs(nn.Module):
         self.backend = backend
 
     def forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-        padded = batch.padded(pad_id=0)
-        device = self.model.get_output_embeddings().weight.device
-        decoder = self.model.get_decoder()
-        out = decoder(input_ids=padded.input_ids.to(device), attention_mask=padded.attention_mask.to(device),
-                      position_ids=padded.position_ids.to(device), use_cache=False)
-        hidden = out.last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, padded.flat_positions().to(device))
+        flat = decoder_hidden_states(self.model, batch)
         weight = self.model.get_output_embeddings().weight
-        return token_logprobs(flat, weight, batch.targets.to(device), temperature=temperature,
+        return token_logprobs(flat, weight, batch.targets.to(weight.device), temperature=temperature,
                               ignore_index=batch.ignore_index, backend=self.backend)

@@ -1,13 +1,14 @@
-"""The VeriFree training loop, top to bottom:
+"""The training loop, top to bottom:
 
-    rollout (G samples per prompt) -> splice the reference after each reasoning
-    -> pack whole groups into micro-batches -> one forward with grad returning hidden
-    states -> token_logprobs on the reasoning and answer rows only -> verifree_loss
-    -> backward -> grad-norm clip -> AdamW step -> metrics, checkpoint.
+    rollout (G samples per prompt, one batched engine call) -> the objective's rewards
+    (no grad, when it has them before the forward) -> its group filter (more prompts
+    until the step is full) -> its training sequences -> micro-batches of whole groups
+    -> one decoder forward per micro-batch -> the objective's no-grad look and its
+    per-token coefficients -> the fused lm_head pass (`policy_loss`) -> backward ->
+    grad-norm clip -> AdamW -> weights to the engine -> metrics, checkpoint.
 
-One optimizer step per rollout batch, on-policy, no reference model (DESIGN.md 1.1).
-The other objectives (`--objective rlpr|nover|verifier`, pyvf/objectives.py) take the
-same loop with their rewards computed before the gradient forward.
+One optimizer step per rollout batch, on-policy. The objective (pyvf/objectives/, one
+file per method) decides everything method-specific; nothing here names a method.
 """
 
 from __future__ import annotations
@@ -15,30 +16,27 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pyvf.data import dataset
-from pyvf.data.synthetic import PROMPT_TEMPLATE
-from pyvf.losses import verifree_loss
-from pyvf.objectives import OBJECTIVES, Sampled, policy_gradient_loss, ppo_clip_loss
+from pyvf.objectives import get_objective
+from pyvf.objectives.base import (
+    MicroBatch, Objective, Sample, StepContext, aggregation_scale, group_stds, per_token_rows,
+)
 from pyvf.ops import grouped_advantages
-from pyvf.packing import ROLE_REASONING, Sequence, pack, plan_micro_batches
-from pyvf.splice import splice_reference
+from pyvf.packing import Sequence, pack, plan_micro_batches
 from pyvf.train import checkpoint, distributed
 from pyvf.train.config import ConfigError, TrainConfig
 from pyvf.train.metrics import MetricsLog, plot
-from pyvf.train.model import PolicyLogprobs, load_model_and_tokenizer, load_weights
-from pyvf.train.rollout import HFGenerate, RolloutEngine, prompt_seed
+from pyvf.train.model import load_model_and_tokenizer, load_weights
+from pyvf.train.policy import Policy
+from pyvf.train.rollout import prompt_seed
 
 log = logging.getLogger("pyvf")
-
-
-def render_prompt(cfg: TrainConfig, question: str) -> str:
-    return (cfg.prompt_template or PROMPT_TEMPLATE).format(question=question)
 
 
 class DataOrder:
@@ -59,69 +57,129 @@ class DataOrder:
         return [self._perm(p // self.n)[p % self.n] for p in range(position, position + k)]
 
 
-@dataclass
-class Rollout:
-    sequences: list[Sequence]      # one per (completion, reference)
-    completion: list[int]          # completion index of each sequence
-    weights: list[float]           # reference weight of each sequence
-    n_completions: int
-    truncated: int       # completions that hit max_new_tokens
-    with_marker: int     # completions whose text contains the marker
-    samples: list[Sampled]  # the completions as sampled, for the other objectives
+class Prompts:
+    """Prompt token ids per example, rendered once (chat template when the tokenizer has
+    one and chat_template is auto)."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, examples):
+        from pyvf.chat import render_prompt_ids
+
+        self._render = lambda q: render_prompt_ids(tokenizer, q, template=cfg.prompt_template,
+                                                   chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                                                   assistant_prefix=cfg.assistant_prefix)
+        self.examples = examples
+        self._ids: dict[int, list[int]] = {}
+
+    def __getitem__(self, index: int) -> list[int]:
+        if index not in self._ids:
+            self._ids[index] = self._render(self.examples[index].question)
+        return self._ids[index]
 
 
-def collect_rollout(cfg: TrainConfig, engine: RolloutEngine, tokenizer, examples, indices: list[int],
-                    first_prompt: int, step: int) -> Rollout:
-    """Samples G completions for each prompt and splices every reference after them.
-    Prompt j (global index first_prompt + j in the step) forms group j."""
-    seqs, completion, weights = [], [], []
-    n_comp = truncated = with_marker = 0
-    samples_out = []
-    for j, idx in enumerate(indices):
-        ex = examples[idx]
-        prompt_ids = tokenizer(render_prompt(cfg, ex.question), add_special_tokens=False)["input_ids"]
-        room = max(0, cfg.max_seq_len - len(prompt_ids))  # reasoning tokens that fit after the prompt
-        samples = engine.sample(prompt_ids, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, seed=prompt_seed(cfg.seed, step, first_prompt + j))
-        for sample in samples:
-            truncated += sample.truncated
-            spliced = splice_reference(tokenizer, sample.ids, list(ex.answers), marker=cfg.marker,
-                                       answer_template=cfg.answer_template)
-            with_marker += spliced[0].found
-            samples_out.append(Sampled(prompt_ids, sample.ids, sample.truncated, spliced, ex.answers, ex.weights, j,
-                                       sample.logprobs))
-            if sample.truncated or not spliced[0].found:
-                # Reward 0; the completion as sampled still gets its policy-gradient term.
-                reasoning = sample.ids[:room]
-                seqs.append(Sequence(prompt_ids, reasoning, [], group=j))
-                completion.append(n_comp)
-                weights.append(1.0)
-            else:
-                for s, w in zip(spliced, ex.weights):
-                    answer = s.answer_ids
-                    reasoning = s.reasoning_ids[:room]
-                    if len(prompt_ids) + len(reasoning) + len(answer) > cfg.max_seq_len:
-                        answer = []  # over the length limit: reward 0
-                    seqs.append(Sequence(prompt_ids, reasoning, answer, group=j))
-                    completion.append(n_comp)
-                    weights.append(w)
-            n_comp += 1
-    return Rollout(seqs, completion, weights, n_comp, truncated, with_marker, samples_out)
+class StepTimer:
+    """Seconds per phase of a step (rollout, scoring, forward_backward, optimizer, weight_sync)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def _check_length_limit(cfg: TrainConfig, tokenizer, examples) -> None:
-    shortest = min(
-        len(tokenizer(render_prompt(cfg, ex.question), add_special_tokens=False)["input_ids"])
-        + len(tokenizer(cfg.answer_template.format(ref=ex.answers[0]), add_special_tokens=False)["input_ids"])
-        for ex in examples[:256])
+def rollout(cfg: TrainConfig, engine, prompts: Prompts, indices: list[int], first_group: int,
+            step: int) -> list[Sample]:
+    """G samples of each prompt; prompt j of the list is group first_group + j, and its
+    samples depend only on (seed, step, group), never on the rank or the batch."""
+    prompt_ids = [prompts[i] for i in indices]
+    seeds = [prompt_seed(cfg.seed, step, first_group + j) for j in range(len(indices))]
+    outputs = engine.generate(prompt_ids, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, seeds=seeds, stop=cfg.stop_strings())
+    return [Sample(idx, prompts.examples[idx], prompt_ids[j], c.ids, c.finish, c.logprobs, first_group + j)
+            for j, idx in enumerate(indices) for c in outputs[j]]
+
+
+def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepContext, timer: StepTimer,
+            rank: int, world: int, sharded_policy=None) -> tuple[list[Sample], torch.Tensor | None, dict]:
+    """The step's samples (and their rewards when the objective scores before the
+    forward). With a group filter, more prompts are sampled until the step has
+    prompts_per_step kept groups or filter_rounds extra rounds are spent; which groups
+    are kept is decided on the stds of all ranks, in global prompt order, so every
+    rank agrees and one process keeps what several would."""
+    per_rank = cfg.prompts_per_step // world
+    group_filter = objective.group_filter()
+    rounds = 1 + (cfg.filter_rounds if group_filter is not None else 0)
+    kept, kept_rewards, n_kept, info = [], [], 0, {"rounds": 0, "groups_seen": 0}
+    for round_ in range(rounds):
+        indices = order.take(state.data_position, cfg.prompts_per_step)
+        state.data_position += cfg.prompts_per_step
+        first = round_ * cfg.prompts_per_step + rank * per_rank
+        with timer("rollout"):
+            if sharded_policy is not None:
+                sharded_policy.unshard()  # generation bypasses the root module's hooks
+            samples = rollout(cfg, engine, prompts, indices[rank * per_rank:(rank + 1) * per_rank], first, ctx.step)
+            if sharded_policy is not None:
+                sharded_policy.reshard()
+        with timer("scoring"):
+            rewards = objective.score(samples, ctx)
+        info["rounds"] += 1
+        info["groups_seen"] += cfg.prompts_per_step
+        if group_filter is None:
+            return samples, rewards, info
+        groups = torch.tensor([s.group for s in samples])
+        ids, stds = group_stds(rewards, groups)
+        step_stds = torch.zeros(cfg.prompts_per_step, dtype=torch.float64)
+        step_stds[(ids - round_ * cfg.prompts_per_step).long()] = stds
+        step_stds = distributed.all_sum_tensor(step_stds, ctx.device)
+        keep = group_filter.keep(step_stds, ctx.step, round_)
+        take = []
+        for j in range(cfg.prompts_per_step):
+            if keep[j] and n_kept < cfg.prompts_per_step:
+                n_kept += 1
+                take.append(round_ * cfg.prompts_per_step + j)
+        mine = torch.isin(groups, torch.tensor(take, dtype=torch.long))
+        kept += [s for s, m in zip(samples, mine.tolist()) if m]
+        kept_rewards.append(rewards[mine])
+        if n_kept >= cfg.prompts_per_step:
+            break
+    group_filter.end_step()
+    if n_kept < cfg.prompts_per_step and rank == 0:
+        log.warning("step %d: %d of %d groups kept after %d extra sampling rounds (filter_rounds)", ctx.step, n_kept,
+                    cfg.prompts_per_step, info["rounds"] - 1)
+    info["groups_kept"] = n_kept
+    return kept, torch.cat(kept_rewards) if kept_rewards else torch.zeros(0, dtype=torch.float64), info
+
+
+def _check_length_limit(cfg: TrainConfig, tokenizer, prompts: Prompts) -> None:
+    n = min(256, len(prompts.examples))
+    shortest = min(len(prompts[i]) + len(tokenizer(cfg.answer_template.format(ref=prompts.examples[i].answers[0]),
+                                                   add_special_tokens=False)["input_ids"]) for i in range(n))
     if cfg.max_seq_len < shortest + 2:
         raise ConfigError(f"max_seq_len {cfg.max_seq_len} is too short to hold any answer: the shortest prompt "
                           f"plus answer takes {shortest} tokens")
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine | None = None) -> dict:
-    """Runs cfg.max_steps optimizer steps (from a checkpoint when `resume` is given) and
-    returns the last step's metrics."""
+def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], out_dir: Path, sharded: bool):
+    if cfg.rollout == "vllm":
+        from pyvf.train.rollout_vllm import VLLMEngine
+
+        return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=out_dir / "cache",
+                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
+                                     max_model_len=cfg.max_seq_len + cfg.max_new_tokens)
+    from pyvf.train.rollout import HFGenerate
+
+    return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids, synced=sharded)
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
+    """Runs optimizer steps up to cfg.max_steps (from a checkpoint when `resume` is
+    given) and returns the last step's metrics."""
+    from pyvf.chat import check_vocabulary, describe, stop_token_ids
+
     cfg.validate()
     rank, world, device = distributed.setup(cfg.device)
     sharded = world > 1
@@ -135,38 +193,51 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype)
+    check_vocabulary(model, tokenizer)
     model.to(device)
     examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
-    _check_length_limit(cfg, tokenizer, examples)
+    prompts = Prompts(cfg, tokenizer, examples)
+    _check_length_limit(cfg, tokenizer, prompts)
+    objective = get_objective(cfg.objective)(cfg, tokenizer)
+    loss_agg = cfg.loss_agg or objective.loss_agg
     state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
     optimizer_state = None
+    policy = Policy(model, backend=cfg.logprob_backend, lm_head_pass=cfg.lm_head_pass)
+    objective.attach(policy)
     if resume:
-        model_state, optimizer_state, state = checkpoint.load(resume, rank=rank if sharded else None)
+        model_state, optimizer_state, state, objective_state = checkpoint.load(resume, rank=rank if sharded else None)
         load_weights(model, model_state)
         state.config = cfg.to_dict()
+        objective.load_state_dict(objective_state)
         if rank == 0:
-            log.info("resumed from %s at step %d", resume, state.step)
-    policy = PolicyLogprobs(model, cfg.logprob_backend)
-    objective = None
-    if cfg.objective != "verifree":
-        if sharded:
-            raise ConfigError(f"objective {cfg.objective} runs in a single process; use verifree under torchrun")
-        objective = OBJECTIVES[cfg.objective](tokenizer, policy=policy)
+            log.info("resumed from %s at step %d", checkpoint.resolve(resume), state.step)
+    else:
+        objective.setup(policy, examples, prompts, device, rank=rank, world=world)
     if sharded:
         distributed.shard(policy)
+    objective.after_shard(sharded)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         distributed.load_optimizer_state(optimizer, optimizer_state)
     if sharded:
         # FSDP2 picks its root at the first forward: make it the policy, before
-        # generate() runs the decoder layers on their own.
+        # generation runs the decoder layers on their own.
         with torch.no_grad():
             eos = tokenizer.eos_token_id
             policy(pack([Sequence([eos], [eos], [], group=0)]))
-    engine = engine or HFGenerate(model, tokenizer, synced=sharded)
+    stop_ids = stop_token_ids(model, tokenizer)
+    engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir, sharded)
+    if resume and cfg.rollout == "vllm":
+        engine.update_weights(distributed.full_model_state(policy, sharded).items())
     order = DataOrder(len(examples), cfg.seed)
     metrics = MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None
+    if rank == 0:
+        log.info("train: objective %s (loss %s), rollout engine %s, lm_head pass %s, %d process(es)",
+                 cfg.objective, loss_agg, getattr(engine, "name", type(engine).__name__), cfg.lm_head_pass, world)
+        log.info("train: prompts %s", describe(tokenizer, chat_template=cfg.chat_template,
+                                               system_prompt=cfg.system_prompt,
+                                               assistant_prefix=cfg.assistant_prefix))
 
     progress = None
     if rank == 0 and cfg.progress:
@@ -179,58 +250,44 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
         while state.step < cfg.max_steps:
             step = state.step + 1
             t0 = time.perf_counter()
-            indices = order.take(state.data_position, cfg.prompts_per_step)
-            per_rank = cfg.prompts_per_step // world
-            mine = indices[rank * per_rank:(rank + 1) * per_rank]
-            if sharded:
-                policy.unshard()  # generate() bypasses the root module's hooks
-            rollout = collect_rollout(cfg, engine, tokenizer, examples, mine, rank * per_rank, step)
-            if sharded:
-                policy.reshard()
-            t_rollout = time.perf_counter() - t0
-
+            timer = StepTimer()
+            ctx = StepContext(step=step, policy=policy, temperature=cfg.temperature, device=device, world=world,
+                              rank=rank)
+            engine.wake()
+            samples, rewards, info = collect(cfg, engine, prompts, order, state, objective, ctx, timer, rank, world,
+                                             sharded_policy=policy if sharded else None)
+            engine.sleep()
             policy.train()
-            sums = new_sums(rollout)
-            accumulate_gradients(cfg, objective, policy, rollout, step, device, sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with timer("forward_backward"):
+                sums = accumulate_gradients(cfg, objective, loss_agg, policy, samples, rewards, ctx, tokenizer)
+            with timer("optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                if sums["samples_global"] > 0:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             state.step = step
-            state.data_position += cfg.prompts_per_step
+            if cfg.rollout == "vllm":
+                with timer("weight_sync"):
+                    engine.update_weights(distributed.full_model_state(policy, sharded).items())
 
-            keys = list(sums)
-            totals = dict(zip(keys, distributed.all_sum([sums[k] for k in keys], device)))
-            n = max(totals["completions"], 1.0)
-            dt = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": totals["loss"] / world,
-                "reward_mean": totals["reward"] / n,
-                "advantage_std": (totals["adv_sq"] / n) ** 0.5,
-                "marker_frac": totals["marker"] / n,
-                "rewarded_frac": totals["found"] / n,
-                "truncated_frac": totals["truncated"] / n,
-                "reasoning_len": totals["reasoning_len"] / n,
-                "answer_len": totals["answer_len"] / n,
-                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                "tokens_per_s": totals["tokens"] / dt,
-                "step_time": dt,
-                "rollout_time": t_rollout,
-                "lr": cfg.lr,
-            }
+            record = step_record(cfg, step, sums, ctx, info, grad_norm, timer, time.perf_counter() - t0, world, device)
             if rank == 0:
                 metrics.write(record)
+                if record.get("rollout_logprob_diff", 0.0) > cfg.rollout_logprob_warn:
+                    log.warning("step %d: engine and trainer log-probs differ by %.3g on average (> %g): are the "
+                                "engine's weights in sync?", step, record["rollout_logprob_diff"],
+                                cfg.rollout_logprob_warn)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_mean']:.3f}",
                                          marker=f"{record['marker_frac']:.2f}")
                 elif step % cfg.log_every == 0:
                     log.info("step %d loss %.4f reward %.3f marker %.2f (%.1f s)", step, record["loss"],
-                             record["reward_mean"], record["marker_frac"], dt)
+                             record["reward_mean"], record["marker_frac"], record["step_time"])
 
             stopping = cfg.stop_after and step >= cfg.stop_after
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
-                _save(out_dir, policy, optimizer, state, tokenizer, sharded, rank)
+                _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank)
                 last_saved = step
             if stopping:
                 break
@@ -238,7 +295,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
         if progress is not None:
             progress.close()
     if state.step != last_saved and state.step > 0:
-        _save(out_dir, policy, optimizer, state, tokenizer, sharded, rank)
+        _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank)
     if rank == 0:
         if cfg.plot:
             plot(metrics.records(), out_dir / "metrics.png", title=f"pyvf {cfg.objective} ({cfg.model})")
@@ -247,76 +304,117 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine: RolloutEngine 
     return record
 
 
-def new_sums(rollout: Rollout) -> dict:
-    return dict(loss=0.0, reward=0.0, reward_sq=0.0, adv_sq=0.0, found=0.0, reasoning_len=0.0, answer_len=0.0,
-                tokens=0.0, completions=0.0, truncated=float(rollout.truncated), marker=float(rollout.with_marker))
+def _trained_rows(seq: Sequence) -> int:
+    return len(seq) - len(seq.prompt_ids) if seq.prompt_ids else max(len(seq) - 1, 0)
 
 
-def accumulate_gradients(cfg, objective, policy, rollout, step, device, sums) -> None:
-    """Backward of one rollout batch (gradients accumulate in the parameters; sums
-    collects the metrics)."""
-    if objective is not None:
-        _objective_step(cfg, objective, policy, rollout, step, device, sums)
-        return
-    lengths = [len(s) for s in rollout.sequences]
-    groups = [s.group for s in rollout.sequences]
-    for mb in plan_micro_batches(lengths, groups, cfg.micro_batch_tokens):
-        batch = pack([rollout.sequences[i] for i in mb])
-        comp = torch.tensor([rollout.completion[i] for i in mb])
-        logprobs = policy(batch, cfg.temperature)
-        out = verifree_loss(logprobs, batch.roles.to(device), batch.cu_seqlens.to(device), batch.groups.to(device),
-                            completion=comp.to(device),
-                            weights=torch.tensor([rollout.weights[i] for i in mb], device=device),
-                            num_completions_total=rollout.n_completions)
-        out.loss.backward()
-        sums["loss"] += out.loss.item()
-        sums["reward"] += out.rewards.sum().item()
-        sums["reward_sq"] += (out.rewards.double() ** 2).sum().item()
-        sums["adv_sq"] += (out.advantages.double() ** 2).sum().item()
-        sums["found"] += out.found.sum().item()
-        sums["reasoning_len"] += out.reasoning_len.sum().item()
-        sums["answer_len"] += out.answer_len.sum().item()
+def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, policy: Policy,
+                         samples: list[Sample], rewards: torch.Tensor | None, ctx: StepContext, tokenizer) -> dict:
+    """Backward of one step's samples (gradients accumulate in the parameters); returns
+    the step's sums for the metrics, over all ranks."""
+    device, world = ctx.device, ctx.world
+    ctx.samples = samples
+    groups = torch.tensor([s.group for s in samples], dtype=torch.long)
+    if rewards is not None:
+        ctx.rewards = rewards.double()
+        ctx.advantages = (grouped_advantages(rewards.float(), groups, estimator=objective.advantage_estimator,
+                                             eps=objective.advantage_eps)
+                          if len(samples) else torch.zeros(0))
+    train_seqs = objective.sequences(samples) if samples else None
+    seqs = train_seqs.sequences if train_seqs else []
+    rows_per_sample = torch.zeros(len(samples))
+    for seq, i in zip(seqs, train_seqs.owner if train_seqs else []):
+        rows_per_sample[i] += _trained_rows(seq)
+    n_samples, n_rows = distributed.all_sum([float(len(samples)), float(rows_per_sample.sum())], device)
+
+    plan = plan_micro_batches([len(q) for q in seqs], [q.group for q in seqs], cfg.micro_batch_tokens) if seqs else []
+    # Every rank runs as many forwards as the busiest one (FSDP2's collectives pair up).
+    n_micro = int(distributed.all_max(float(len(plan)), device))
+    sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0)
+    for k in range(n_micro):
+        if k >= len(plan):
+            dummy = pack([Sequence([tokenizer.eos_token_id], [tokenizer.eos_token_id], [], group=-1)])
+            loss, _, _ = policy(dummy, cfg.temperature, coefficients=lambda _: (torch.zeros(2, device=device), None))
+            (loss * 0).backward()
+            continue
+        index = plan[k]
+        batch = pack([seqs[i] for i in index])
+        owner = torch.tensor([train_seqs.owner[i] for i in index], dtype=torch.long)
+        row_sequence = torch.repeat_interleave(torch.arange(len(index)), batch.cu_seqlens.diff()).to(device)
+        mb = MicroBatch(batch, index, [seqs[i] for i in index], [train_seqs.sampled_prefix[i] for i in index], owner,
+                        row_sequence, device)
+        look = objective.look(mb, ctx)
+        scale = aggregation_scale(loss_agg, mb, trained_rows_per_sample=rows_per_sample, n_samples=int(n_samples),
+                                  n_trained_rows=int(n_rows))
+
+        def coefficients(looked, mb=mb, scale=scale):
+            c, e = objective.coefficients(mb, looked, ctx)
+            return c.to(device) * scale, (None if e is None else e.to(device) * scale)
+
+        loss, logprobs, entropy = policy(batch, cfg.temperature, coefficients=coefficients, look=look)
+        # FSDP2 averages gradients over ranks; the coefficients already divide by the
+        # step's global totals, so each rank's share is scaled back up.
+        (loss * world).backward()
+        sums["loss"] += float(loss.detach())
         sums["tokens"] += batch.input_ids.numel()
-        sums["completions"] += out.rewards.numel()
+        trained = batch.targets != batch.ignore_index
+        if entropy is not None:
+            sums["entropy"] += float(entropy.cpu()[trained].sum())
+            sums["entropy_n"] += float(trained.sum())
+        engine = per_token_rows(mb, [s.rollout_logprobs for s in samples]).cpu()
+        sampled = ~torch.isnan(engine)
+        sums["diff"] += float((logprobs.detach().cpu().double()[sampled] - engine[sampled]).abs().sum())
+        sums["diff_n"] += float(sampled.sum())
+
+    sums["reward"] = float(ctx.rewards.sum()) if ctx.rewards is not None else 0.0
+    sums["adv_sq"] = float((ctx.advantages.double() ** 2).sum()) if ctx.advantages is not None else 0.0
+    sums["marker"] = float(sum(cfg.marker in tokenizer.decode(s.ids) for s in samples))
+    sums["truncated"] = float(sum(s.truncated for s in samples))
+    sums["stopped"] = float(sum(s.finish == "stop" for s in samples))
+    sums["completion_len"] = float(sum(len(s.ids) for s in samples))
+    keys = list(sums)
+    totals = dict(zip(keys, distributed.all_sum([sums[k] for k in keys], device)))
+    totals["samples_global"] = n_samples
+    # The objective's own metrics: (sum, count) pairs reduced the same way.
+    names = sorted(ctx.metrics)
+    flat = distributed.all_sum([v for k in names for v in ctx.metrics[k][:2]], device)
+    totals["objective"] = {k: (flat[2 * j], flat[2 * j + 1], ctx.metrics[k][2]) for j, k in enumerate(names)}
+    return totals
 
 
-def _objective_step(cfg, objective, policy, rollout, step, device, sums) -> None:
-    """Rewards from the objective (before the gradient forward), GRPO advantages over
-    the kept groups, then the policy gradient on the sampled completions."""
-    samples = rollout.samples
-    rewards = objective.rewards(samples, policy, cfg.temperature, step).float()
-    groups = torch.tensor([s.group for s in samples])
-    keep = objective.keep(rewards, groups)
-    advantages = grouped_advantages(rewards, groups, estimator="grpo") * keep
-    limit = lambda s: s.ids[:max(0, cfg.max_seq_len - len(s.prompt_ids))]  # noqa: E731
-    seqs = [Sequence(s.prompt_ids, limit(s), [], group=s.group) for s in samples]
-    clipped = getattr(objective, "clipped", False)
-    for mb in plan_micro_batches([len(q) for q in seqs], groups.tolist(), cfg.micro_batch_tokens):
-        batch = pack([seqs[i] for i in mb])
-        logprobs = policy(batch, cfg.temperature)
-        roles, cu = batch.roles.to(device), batch.cu_seqlens.to(device)
-        if clipped:
-            # Rollout log-probs onto the packed rows that predict each completion token.
-            old = torch.zeros_like(logprobs)
-            rows = (batch.roles == ROLE_REASONING).nonzero().squeeze(1)
-            old[rows.to(device)] = torch.tensor([lp for i in mb for lp in samples[i].logprobs[:len(seqs[i].reasoning_ids)]],
-                                                dtype=logprobs.dtype, device=device)
-            loss = ppo_clip_loss(logprobs, old, roles, cu, advantages[mb].to(device), len(samples))
-        else:
-            loss = policy_gradient_loss(logprobs, roles, cu, advantages[mb].to(device), len(samples))
-        loss.backward()
-        sums["loss"] += loss.item()
-        sums["tokens"] += batch.input_ids.numel()
-    sums["reward"] += rewards.sum().item()
-    sums["reward_sq"] += (rewards.double() ** 2).sum().item()
-    sums["adv_sq"] += (advantages.double() ** 2).sum().item()
-    sums["found"] += float(sum(not s.truncated and s.spliced[0].found for s in samples))
-    sums["reasoning_len"] += float(sum(len(q.reasoning_ids) for q in seqs))
-    sums["completions"] += len(samples)
+def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) -> dict:
+    n = max(t["samples_global"], 1.0)
+    record = {
+        "step": step,
+        "loss": t["loss"],
+        "reward_mean": t["reward"] / n,
+        "advantage_std": (t["adv_sq"] / n) ** 0.5,
+        "marker_frac": t["marker"] / n,
+        "truncated_frac": t["truncated"] / n,
+        "stop_frac": t["stopped"] / n,
+        "reasoning_len": t["completion_len"] / n,
+        "entropy": t["entropy"] / max(t["entropy_n"], 1.0),
+        "rollout_logprob_diff": t["diff"] / max(t["diff_n"], 1.0),
+        "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+        "tokens_per_s": t["tokens"] / dt,
+        "step_time": dt,
+        "lr": cfg.lr,
+    }
+    for key, (s, c, root) in t["objective"].items():
+        value = s / max(c, 1.0)
+        record[key] = value ** 0.5 if root else value
+    if "groups_kept" in info:
+        record["groups_kept"] = info["groups_kept"]
+        record["sampling_rounds"] = info["rounds"]
+    for phase in ("rollout", "scoring", "forward_backward", "optimizer", "weight_sync"):
+        record[f"time_{phase}"] = timer.seconds.get(phase, 0.0)
+    record["rollout_time"] = record["time_rollout"]
+    return record
 
 
-def _save(out_dir, policy, optimizer, state, tokenizer, sharded, rank) -> None:
+def _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank) -> None:
     model_state = distributed.full_model_state(policy, sharded)
+    objective_state = objective.state_dict()  # every rank: it may gather shards
     optimizer_state = optimizer.state_dict()
     if sharded:
         # Every rank stages its optimizer shard; rank 0 then completes and renames.
@@ -326,8 +424,8 @@ def _save(out_dir, policy, optimizer, state, tokenizer, sharded, rank) -> None:
         distributed.barrier()
         optimizer_state = None
     if rank == 0:
-        path = checkpoint.save(out_dir, model=policy.model, model_state=model_state,
-                               optimizer_state=optimizer_state, state=state, tokenizer=tokenizer)
+        path = checkpoint.save(out_dir, model=policy.model, model_state=model_state, optimizer_state=optimizer_state,
+                               state=state, tokenizer=tokenizer, objective_state=objective_state)
         log.info("checkpoint: %s", path)
     if sharded:
         distributed.barrier()

@@ -102,3 +102,63 @@ def test_bad_shapes():
         verifree_loss(logprobs, roles[:-1], cu, 4)
     with pytest.raises(ValueError, match="completion must have shape"):
         verifree_loss(logprobs, roles, cu, 4, completion=torch.arange(3))
+
+
+# --- the objective inside the trainer ------------------------------------------------------
+
+from helpers import config, context, grads, make_samples, tiny_policy  # noqa: E402
+
+from pyvf.objectives.verifree import VeriFree  # noqa: E402
+from pyvf.packing import pack  # noqa: E402
+from pyvf.train.trainer import accumulate_gradients  # noqa: E402
+
+
+@pytest.mark.parametrize("budget", [8192, 600])
+def test_trainer_gradient_equals_verifree_loss(budget):
+    """The coefficients the objective hands the lm_head pass (answer rows looked at
+    first, then -A on the reasoning and -w R on the answers), accumulated over
+    micro-batches of whole groups, give the gradient of verifree_loss on the whole
+    packed batch."""
+    policy, tok = tiny_policy()
+    cfg = config(micro_batch_tokens=budget)
+    objective = VeriFree(cfg, tok)
+    samples = make_samples(tok)
+    ctx = context(policy)
+    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, ctx, tok)
+    got = grads(policy)
+
+    policy.zero_grad(set_to_none=True)
+    ts = objective.sequences(samples)
+    batch = pack(ts.sequences)
+    logprobs = policy(batch)
+    weights = torch.tensor([objective._weights[i] for i in range(len(ts.sequences))])
+    out = verifree_loss(logprobs, batch.roles, batch.cu_seqlens, batch.groups, completion=torch.tensor(ts.owner),
+                        weights=weights)
+    out.loss.backward()
+    want = grads(policy)
+    assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 1e-5
+    assert sums["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    reward, count, _ = sums["objective"]["reward_mean"]
+    assert count == len(samples) and reward == pytest.approx(out.rewards.sum().item(), rel=1e-5)
+    # The three completions with an answer are rewarded, the right ones far more.
+    r = out.rewards.view(2, 4)
+    assert torch.all(r[:, 2] == 0) and torch.all(r[:, [0, 1, 3]] > 0)
+    assert torch.all(r[:, 0] > 100 * r[:, 1])
+
+
+def test_sequences_cut_and_references():
+    policy, tok = tiny_policy()
+    objective = VeriFree(config(), tok)
+    samples = make_samples(tok)
+    ts = objective.sequences(samples)
+    # Two references for each completion with an answer, one sequence for the others.
+    per_sample = [ts.owner.count(i) for i in range(len(samples))]
+    assert per_sample == [2, 2, 1, 2] * 2
+    for seq, i in zip(ts.sequences, ts.owner):
+        assert seq.group == samples[i].group
+        if per_sample[i] == 1:
+            assert seq.answer_ids == [] and seq.reasoning_ids == samples[i].ids
+        else:
+            assert tok.decode(seq.answer_ids).strip().startswith("> \\boxed{")
+    # Only the first copy of a completion counts sampled tokens (for rollout_logprob_diff).
+    assert [p > 0 for p in ts.sampled_prefix] == [True, False, True, False, True, True, False] * 2

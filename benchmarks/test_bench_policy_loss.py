@@ -1,0 +1,56 @@
+"""policy_loss (one fused lm_head pass, 6NHV) against token_logprobs + autograd, full
+logits, torch.compile chunked, Liger-Kernel's fused linear cross entropy and Cut
+Cross-Entropy (default gradient filter and filter_eps=None), forward+backward of
+sum_t c_t log p(t), all in the same run.
+
+    pytest benchmarks/test_bench_policy_loss.py --benchmark-group-by=group
+
+On a GPU: bf16, N in {4096, 16384, 65536}, H in {2048, 4096}, V = 151936. Target
+(H100/H200, N = 16384, H = 4096): >= 600 TFLOP/s counted 6NHV, faster than every peer,
+workspace <= 2 GiB. On the CPU: fp32 at small sizes. A peer that is not installed is
+skipped with its reason.
+"""
+
+import pytest
+import torch
+
+from conftest import run_timed
+from pyvf.bench import peak_memory_bytes
+from pyvf.bench.policy_loss import CPU_SHAPES, GPU_SHAPES, POLICY_LOSS_IMPLS
+from pyvf.bench.token_logprobs import lm_head_inputs, logprob_flops
+
+
+@pytest.fixture(params=range(len(GPU_SHAPES)), ids=lambda i: "nhv=%d-%d-%d" % GPU_SHAPES[i])
+def shape(request, device):
+    options = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if request.param >= len(options):
+        pytest.skip("shape runs on a GPU only")
+    return options[request.param]
+
+
+@pytest.mark.parametrize("impl", list(POLICY_LOSS_IMPLS))
+def test_policy_loss(benchmark, device, sync, shape, impl):
+    n, h, v = shape
+    try:
+        fn = POLICY_LOSS_IMPLS[impl]()
+    except ImportError as e:
+        pytest.skip(f"{impl} is not installed ({e.name or e})")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, weight, targets = lm_head_inputs(n, h, v, dtype, device)
+    coeffs = torch.randn(n, device=device)
+
+    def call():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, targets, coeffs).backward()
+
+    benchmark.group = f"policy_loss-fwdbwd-n{n}-h{h}-v{v}"
+    try:
+        run_timed(benchmark, sync, call)
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{impl} ran out of memory")
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        op="policy_loss", impl=impl, n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""),
+        tflops=logprob_flops(n, h, v, "fwdbwd") / seconds / 1e12,
+        peak_mem_bytes=peak_memory_bytes(call, device), **{"pass": "fwdbwd"},
+    )

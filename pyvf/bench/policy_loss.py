@@ -1,0 +1,121 @@
+"""The training pass of the lm_head, forward+backward of sum_t c_t log p(t) from hidden
+states: policy_loss (one fused pass, 6NHV) against token_logprobs + autograd (8NHV),
+full logits, torch.compile chunked, Liger's fused linear cross entropy and Cut
+Cross-Entropy with and without its gradient filter. TFLOP/s are counted 6NHV for
+everyone.
+
+Each factory in POLICY_LOSS_IMPLS returns fn(hidden, weight, targets, coeffs) -> scalar
+loss, or raises ImportError when the peer is not installed. Liger's fused linear cross
+entropy takes no per-token coefficients (its gradient is computed in forward for a
+plain sum), so it runs reduction="sum": the same work, minus the coefficients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pyvf.bench import Record, default_dtype, dtype_name, measure
+from pyvf.bench.token_logprobs import lm_head_inputs, logprob_flops
+from pyvf.ops import policy_loss, token_logprobs
+
+
+def _pyvf():
+    return lambda h, w, t, c: policy_loss(h, w, t, c)[0]
+
+
+def _pyvf_token_logprobs():
+    return lambda h, w, t, c: (c * token_logprobs(h, w, t)).sum()
+
+
+def _full_logits():
+    def fn(h, w, t, c):
+        logp = torch.log_softmax((h @ w.t()).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
+        return (c * logp).sum()
+
+    return fn
+
+
+def _torch_compile_chunked(chunk: int = 4096):
+    @torch.compile(dynamic=False)
+    def one_chunk(h, w, t, c):
+        logp = torch.log_softmax((h @ w.t()).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
+        return (c * logp).sum()
+
+    return lambda h, w, t, c: sum(one_chunk(h[i:i + chunk], w, t[i:i + chunk], c[i:i + chunk])
+                                  for i in range(0, h.shape[0], chunk))
+
+
+def _liger():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda h, w, t, c: -liger_fused_linear_cross_entropy(h, w, t, reduction="sum")
+
+
+def _cut_cross_entropy(filter_eps):
+    def factory():
+        from cut_cross_entropy import linear_cross_entropy
+
+        kwargs = {} if filter_eps == "default" else {"filter_eps": filter_eps}
+        return lambda h, w, t, c: -(c * linear_cross_entropy(h, w, t, reduction="none", **kwargs).float()).sum()
+
+    return factory
+
+
+POLICY_LOSS_IMPLS: dict[str, Callable[[], Callable]] = {
+    "pyvf": _pyvf,
+    "pyvf-token_logprobs": _pyvf_token_logprobs,
+    "full-logits": _full_logits,
+    "torch-compile-chunked": _torch_compile_chunked,
+    "liger-flce": _liger,
+    # CCE's default drops gradient terms below a threshold (less work than the others);
+    # filter_eps=None does the full backward.
+    "cut-cross-entropy": _cut_cross_entropy("default"),
+    "cut-cross-entropy-nofilter": _cut_cross_entropy(None),
+}
+IMPLS = tuple(POLICY_LOSS_IMPLS)
+
+
+def bench_policy_loss(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, impls=None,
+                      repeats: int = 10) -> list[Record]:
+    """One forward+backward Record per implementation; peers that are missing, fail or
+    run out of memory are recorded with a status."""
+    hidden, weight, targets = lm_head_inputs(n, h, v, dtype, device)
+    coeffs = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
+    records = []
+    for name in impls or POLICY_LOSS_IMPLS:
+        rec = Record("policy_loss", name, "fwdbwd", n, h, v, dtype_name(dtype), None, None, None)
+        try:
+            fn = POLICY_LOSS_IMPLS[name]()
+        except ImportError as e:
+            rec.status = f"skipped: not installed ({e.name or e})"
+            records.append(rec)
+            continue
+
+        def call(fn=fn):
+            hidden.grad = weight.grad = None
+            fn(hidden, weight, targets, coeffs).backward()
+
+        records.append(measure(rec, call, device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats))
+        hidden.grad = weight.grad = None
+    return records
+
+
+GPU_SHAPES = [(n, h, 151936) for h in (2048, 4096) for n in (4096, 16384, 65536)]
+CPU_SHAPES = [(256, 128, 32000), (1024, 128, 32000)]
+
+
+def default_shapes(device: torch.device) -> list[tuple[int, int, int]]:
+    return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+
+
+def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]:
+    records = []
+    for n, h, v in default_shapes(device):
+        if sizes is not None and n > max(sizes):
+            continue
+        print(f"bench: policy_loss n={n} h={h} v={v}", flush=True)
+        records += bench_policy_loss(n, h, v, default_dtype(device), device, impls=impls,
+                                     repeats=10 if device.type == "cuda" else 3)
+    return records

@@ -1,0 +1,187 @@
+"""VeriFree (docs/algorithms.md, DESIGN.md 1.1 and 1.2): the policy scores its own
+reasoning by the probability it gives the reference answer after it.
+
+Per completion i with references k (weights w_k, summing to 1):
+    R_ik = pi(y*_k | x, z_i) = exp(sum of the answer tokens' log-probs), detached
+    R_i = sum_k w_k R_ik, A_i = R_i - mean_{j != i in the group} R_j (RLOO)
+    loss_i = -(A_i * sum_{t in z_i} log pi(t) + sum_k w_k R_ik * sum_{t in y_k} log pi(t))
+token sum within a completion, mean over completions. No marker, a truncated
+completion, or a spliced sequence over the length limit gives R_i = 0.
+
+Single pass: the rewards need only the answer rows' log-probs, so the trainer's one
+decoder forward gives the hidden states, `look` takes the answer rows first (no grad),
+and `coefficients` hands the fused lm_head pass -A_i on the reasoning rows and
+-w_k R_ik on the answer rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pyvf.objectives.base import MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric
+from pyvf.ops import grouped_advantages, segment_sum
+from pyvf.packing import ROLE_ANSWER, ROLE_REASONING, Sequence
+from pyvf.splice import splice_reference
+
+
+def verifree_rewards(answer_sum: torch.Tensor, has_answer: torch.Tensor, index: torch.Tensor, n_comp: int,
+                     weights: torch.Tensor, comp_groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sequence reward R_ik, per-completion reward R_i, RLOO advantage A_i), all
+    detached. answer_sum [B]: answer log-prob of each packed sequence; index [B]: its
+    completion; weights [B]: its reference weight; comp_groups: group of each completion."""
+    answer_sum = answer_sum.detach()
+    seq_reward = torch.where(has_answer, torch.exp(answer_sum), torch.zeros_like(answer_sum))
+    rewards = torch.zeros(n_comp, dtype=answer_sum.dtype, device=answer_sum.device).index_add_(
+        0, index, weights.to(answer_sum.dtype) * seq_reward)
+    advantages = grouped_advantages(rewards.float(), comp_groups, estimator="rloo").to(answer_sum.dtype)
+    return seq_reward, rewards, advantages
+
+
+@dataclass
+class VerifreeOutput:
+    loss: torch.Tensor            # scalar, differentiable
+    rewards: torch.Tensor         # [C] per completion, detached: sum_k w_k pi(y*_k | x, z)
+    advantages: torch.Tensor      # [C] RLOO advantages of the rewards
+    reasoning_logprob: torch.Tensor  # [C] sum of reasoning log-probs (detached)
+    reasoning_len: torch.Tensor   # [C] reasoning tokens
+    answer_len: torch.Tensor      # [C] answer tokens (first reference)
+    found: torch.Tensor           # [C] bool: the completion had the marker (answer tokens present)
+
+
+def _per_completion_index(completion, n_seq, device):
+    if completion is None:
+        return torch.arange(n_seq, device=device), n_seq
+    if completion.shape != (n_seq,):
+        raise ValueError(f"completion must have shape [{n_seq}] (one entry per packed sequence), "
+                         f"got {tuple(completion.shape)}")
+    uniq, inverse = torch.unique(completion, return_inverse=True)
+    return inverse, uniq.numel()
+
+
+def _first_of_each(index: torch.Tensor, n_comp: int) -> torch.Tensor:
+    """The first packed sequence of each completion (the copy that carries its reasoning)."""
+    n_seq = index.numel()
+    return torch.full((n_comp,), n_seq, dtype=torch.long, device=index.device).scatter_reduce_(
+        0, index, torch.arange(n_seq, device=index.device), "amin")
+
+
+def verifree_loss(logprobs: torch.Tensor, roles: torch.Tensor, cu_seqlens: torch.Tensor, groups, *,
+                  completion: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                  num_completions_total: int | None = None) -> VerifreeOutput:
+    """The single-pass VeriFree objective on per-token log-probs of a packed batch, for
+    use inside another trainer (pyvf's own trainer hands the same coefficients to the
+    fused lm_head pass instead).
+
+    logprobs [T]: per-token log-probs of a packed batch (0 where not computed), roles
+    [T] aligned with them (1 reasoning, 2 answer, anything else ignored), cu_seqlens
+    [B + 1]. groups: an int G or group ids [B] (one entry per packed sequence).
+
+    One packed sequence per (completion, reference). With several equivalent
+    references, `completion` [B] says which completion each sequence belongs to and
+    `weights` [B] weighs its reference (default uniform within the completion, summing
+    to 1). The loss is the mean of loss_i over completions (or the sum divided by
+    `num_completions_total`, for a micro-batch of a larger batch). A sequence without
+    answer tokens (no marker, truncated, too long) has reward 0.
+    """
+    if logprobs.dim() != 1 or roles.shape != logprobs.shape:
+        raise ValueError(f"logprobs and roles must be 1-D of the same length, got {tuple(logprobs.shape)} "
+                         f"and {tuple(roles.shape)}")
+    n_seq = cu_seqlens.numel() - 1
+    device = logprobs.device
+    is_reasoning = roles == ROLE_REASONING
+    is_answer = roles == ROLE_ANSWER
+    reasoning_sum = segment_sum(logprobs, cu_seqlens, mask=is_reasoning)
+    answer_sum = segment_sum(logprobs, cu_seqlens, mask=is_answer)
+    ones = torch.ones_like(logprobs)
+    reasoning_len = segment_sum(ones, cu_seqlens, mask=is_reasoning).detach()
+    answer_len = segment_sum(ones, cu_seqlens, mask=is_answer).detach()
+    has_answer = answer_len > 0
+
+    index, n_comp = _per_completion_index(completion, n_seq, device)
+    if weights is None:
+        copies = torch.zeros(n_comp, device=device).index_add_(0, index, torch.ones(n_seq, device=device))
+        weights = 1.0 / copies[index]
+    elif weights.shape != (n_seq,):
+        raise ValueError(f"weights must have shape [{n_seq}], got {tuple(weights.shape)}")
+    weights = weights.to(device=device, dtype=answer_sum.dtype)
+
+    first = _first_of_each(index, n_comp)
+    comp_groups = groups if isinstance(groups, int) else groups.to(device)[first]
+    seq_reward, rewards, advantages = verifree_rewards(answer_sum, has_answer, index, n_comp, weights, comp_groups)
+
+    per_completion = -(advantages * reasoning_sum[first])
+    sft = torch.zeros(n_comp, dtype=answer_sum.dtype, device=device).index_add(
+        0, index, weights * seq_reward * answer_sum)
+    per_completion = per_completion - sft
+    denom = num_completions_total if num_completions_total is not None else n_comp
+    return VerifreeOutput(
+        loss=per_completion.sum() / denom,
+        rewards=rewards, advantages=advantages,
+        reasoning_logprob=reasoning_sum[first].detach(), reasoning_len=reasoning_len[first],
+        answer_len=answer_len[first], found=has_answer[first],
+    )
+
+
+class VeriFree(Objective):
+    name = "verifree"
+    loss_agg = "seq_mean_token_sum"
+    advantage_estimator = "rloo"
+
+    def sequences(self, samples: list[Sample]) -> TrainSequences:
+        """prompt | reasoning through the marker | reference answer, one sequence per
+        (completion, reference); the completion as sampled where it has no answer."""
+        cfg = self.cfg
+        seqs, owner, prefix, self._weights, self._first = [], [], [], [], []
+        for i, s in enumerate(samples):
+            room = max(0, cfg.max_seq_len - len(s.prompt_ids))
+            spliced = splice_reference(self.tokenizer, s.ids, list(s.example.answers), marker=cfg.marker,
+                                       answer_template=cfg.answer_template)
+            if s.truncated or not spliced[0].found:
+                # Reward 0; the completion as sampled still gets its policy-gradient term.
+                ids = s.ids[:room]
+                seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
+                owner.append(i), prefix.append(len(ids)), self._weights.append(1.0), self._first.append(True)
+                continue
+            for k, (sp, w) in enumerate(zip(spliced, s.example.weights)):
+                reasoning = sp.reasoning_ids[:room]
+                answer = sp.answer_ids
+                if len(s.prompt_ids) + len(reasoning) + len(answer) > cfg.max_seq_len:
+                    answer = []  # over the length limit: reward 0
+                seqs.append(Sequence(s.prompt_ids, reasoning, answer, group=s.group))
+                owner.append(i)
+                prefix.append(min(sp.n_kept, len(reasoning)) if k == 0 else 0)
+                self._weights.append(w)
+                self._first.append(k == 0)
+        return TrainSequences(seqs, owner, prefix)
+
+    def look(self, mb: MicroBatch, ctx: StepContext) -> torch.Tensor:
+        return mb.batch.roles.to(mb.device) == ROLE_ANSWER
+
+    def coefficients(self, mb: MicroBatch, looked: torch.Tensor, ctx: StepContext):
+        batch, device = mb.batch, mb.device
+        roles = batch.roles.to(device)
+        cu = batch.cu_seqlens.to(device)
+        is_answer = roles == ROLE_ANSWER
+        answer_sum = segment_sum(looked.double(), cu, mask=is_answer)
+        has_answer = segment_sum(torch.ones_like(looked), cu, mask=is_answer) > 0
+        index, n_comp = _per_completion_index(mb.owner.to(device), mb.owner.numel(), device)
+        weights = torch.tensor([self._weights[j] for j in mb.index], dtype=torch.float64, device=device)
+        first = _first_of_each(index, n_comp)
+        comp_groups = batch.groups.to(device)[first]
+        seq_reward, rewards, advantages = verifree_rewards(answer_sum, has_answer, index, n_comp, weights,
+                                                           comp_groups)
+        is_first = torch.tensor([self._first[j] for j in mb.index], device=device)
+        seq = mb.row_sequence
+        reasoning_coeff = torch.where(is_first, -advantages[index], torch.zeros_like(seq_reward))
+        coeffs = torch.where(roles == ROLE_REASONING, reasoning_coeff[seq],
+                             torch.where(is_answer, -(weights * seq_reward)[seq], torch.zeros((), dtype=torch.float64,
+                                                                                               device=device)))
+        m = ctx.metrics
+        add_metric(m, "reward_mean", rewards.sum().item(), n_comp)
+        add_metric(m, "advantage_std", (advantages.double() ** 2).sum().item(), n_comp, root=True)
+        add_metric(m, "rewarded_frac", has_answer[first].sum().item(), n_comp)
+        add_metric(m, "answer_len", segment_sum(is_answer.float(), cu)[first].sum().item(), n_comp)
+        return coeffs.float(), None
+

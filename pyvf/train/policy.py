@@ -1,0 +1,69 @@
+"""The policy as the trainer uses it: one decoder forward over a packed batch, then the
+lm_head on the trained rows only, never the model's full logits.
+
+Two calls:
+- `policy(batch, temperature)` -> per-token log-probs (scoring, no coefficients);
+- `policy(batch, temperature, coefficients=fn, look=mask)` -> (loss, logprobs, entropy):
+  the objective's no-grad look at the `look` rows, then its coefficients, then the
+  lm_head pass. `lm_head_pass="fused"` runs `pyvf.ops.policy_loss` (logits, dz and
+  both gradients in one pass, 6NHV); "autograd" runs `token_logprobs` and lets
+  autograd do the backward (8NHV), for comparison and for models that need it.
+Being a module (rather than a function reaching into `model.lm_head`) lets FSDP2
+gather the lm_head for the pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pyvf.ops import token_logprobs
+from pyvf.packing import PackedBatch
+from pyvf.train.model import decoder_hidden_states
+
+LM_HEAD_PASSES = ("fused", "autograd")
+
+CoefficientFn = Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class Policy(nn.Module):
+    def __init__(self, model: nn.Module, *, backend: str = "auto", lm_head_pass: str = "fused"):
+        super().__init__()
+        if lm_head_pass not in LM_HEAD_PASSES:
+            raise ValueError(f"lm_head_pass must be one of {', '.join(LM_HEAD_PASSES)}, got {lm_head_pass!r}")
+        self.model = model
+        self.backend = backend
+        self.lm_head_pass = lm_head_pass
+
+    def forward(self, batch: PackedBatch, temperature: float = 1.0, coefficients: CoefficientFn | None = None,
+                look: torch.Tensor | None = None, with_entropy: bool = False):
+        weight = self.model.get_output_embeddings().weight
+        device = weight.device
+        hidden = decoder_hidden_states(self.model, batch)
+        targets = batch.targets.to(device)
+        common = dict(temperature=temperature, ignore_index=batch.ignore_index)
+        if coefficients is None:
+            return token_logprobs(hidden, weight, targets, with_entropy=with_entropy, backend=self.backend, **common)
+
+        if self.lm_head_pass == "autograd":
+            logp, entropy = token_logprobs(hidden, weight, targets, with_entropy=True, backend=self.backend, **common)
+            coeffs, entropy_coeffs = coefficients(None if look is None else logp.detach())
+            loss = (coeffs.to(logp.dtype) * logp).sum()
+            if entropy_coeffs is not None:
+                loss = loss + (entropy_coeffs.to(entropy.dtype) * entropy).sum()
+            return loss, logp.detach(), entropy.detach()
+
+        from pyvf.ops import policy_loss
+
+        looked = None
+        if look is not None:
+            with torch.no_grad():
+                looked = token_logprobs(hidden.detach(), weight.detach(),
+                                        torch.where(look, targets, torch.full_like(targets, batch.ignore_index)),
+                                        backend=self.backend, **common)
+        coeffs, entropy_coeffs = coefficients(looked)
+        return policy_loss(hidden, weight, targets, coeffs.float(),
+                           entropy_coeffs=None if entropy_coeffs is None else entropy_coeffs.float(),
+                           backend=self.backend if self.backend != "reference" else "reference", **common)

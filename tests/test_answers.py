@@ -1,0 +1,78 @@
+"""Answer equivalence for the verifier baseline: math-verify (optional dependency) and
+pyvf's normalizer (the fallback), on the same hand-written cases, including the cases
+where they differ. docs/algorithms.md, "Verifier baseline"."""
+
+import logging
+
+import pytest
+
+import pyvf.data.answers as answers
+from pyvf.data.answers import answer_backend, equivalent_pair, is_equivalent
+
+# (prediction, reference, math-verify says, normalizer says)
+CASES = [
+    ("8/5", "1.6", True, True),
+    ("\\frac{8}{5}", "1.6", True, True),
+    ("1.60", "8/5", True, True),
+    (" 13 ", "13", True, True),
+    ("13.0", "13", True, True),
+    ("14", "13", False, False),
+    ("1/0", "1", False, False),
+    ("Paris", "paris", True, True),
+    ("\\text{Paris}", "Paris", True, True),
+    ("Paris", "Pairs", False, False),            # math-verify alone would read both as p*a*r*i*s
+    ("0.333", "1/3", False, False),
+    # where they differ: math-verify knows LaTeX structure the normalizer does not
+    ("50\\%", "0.5", True, False),
+    ("[1,2)", "\\left[1,2\\right)", True, False),
+    ("\\{1,2\\}", "\\{2,1\\}", True, False),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True, False),
+    ("10\\text{ cm}", "10", True, False),
+    ("2\\pi", "\\pi \\cdot 2", True, False),
+    ("(1,2]", "[1,2]", False, False),
+]
+
+
+@pytest.fixture
+def with_math_verify():
+    pytest.importorskip("math_verify", reason="math-verify is an optional dependency (pip install 'pyvf[math]')")
+
+
+@pytest.mark.parametrize("pred,ref,mv,norm", CASES)
+def test_math_verify_backend(with_math_verify, pred, ref, mv, norm):
+    assert equivalent_pair(pred, ref, backend="math-verify") is mv
+    assert is_equivalent(pred, ["unrelated", ref]) is mv         # "auto" picks math-verify when installed
+
+
+@pytest.mark.parametrize("pred,ref,mv,norm", CASES)
+def test_normalizer_backend(pred, ref, mv, norm):
+    assert equivalent_pair(pred, ref, backend="normalizer") is norm
+
+
+def test_fallback_when_math_verify_is_unavailable(monkeypatch, caplog):
+    """With math-verify switched off (as if not installed), "auto" is the normalizer, says so in the log
+    once, and asking for math-verify explicitly is an error that names the package."""
+    monkeypatch.setattr(answers, "USE_MATH_VERIFY", False)
+    monkeypatch.setattr(answers, "_logged_backends", set())
+    with caplog.at_level(logging.INFO, logger="pyvf"):
+        assert answer_backend() == "normalizer"
+        for pred, ref, _, norm in CASES:
+            assert is_equivalent(pred, [ref]) is norm
+    assert sum("normalizer" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="math-verify"):
+        answer_backend("math-verify")
+    with pytest.raises(ValueError, match="backend"):
+        answer_backend("sympy")
+
+
+def test_backend_choice_logged_once(with_math_verify, monkeypatch, caplog):
+    monkeypatch.setattr(answers, "_logged_backends", set())
+    with caplog.at_level(logging.INFO, logger="pyvf"):
+        for pred, ref, _, _ in CASES:
+            is_equivalent(pred, [ref])
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["answer equivalence"]
+    assert "math-verify" in caplog.records[0].getMessage()
+
+
+def test_none_never_matches():
+    assert is_equivalent(None, ["1"]) is False and is_equivalent(None, ["1"], backend="normalizer") is False

@@ -1,0 +1,126 @@
+"""The vLLM rollout engine on the shipped model (runs in .ci/vllm.sh's virtual
+environment; skipped where vLLM is not installed). One engine serves the module: starting
+one takes seconds on a CPU."""
+
+import pytest
+import torch
+
+from pyvf.train.rollout_vllm import vllm_available
+
+if not vllm_available():
+    pytest.skip("vLLM is not installed here; .ci/vllm.sh builds .venv-vllm and runs these tests",
+                allow_module_level=True)
+
+from pyvf.data.synthetic import PROMPT_TEMPLATE  # noqa: E402
+from pyvf.train.model import BUILTIN_MODEL_DIR, load_model_and_tokenizer  # noqa: E402
+from pyvf.train.rollout import StopChecker, eos_token_ids  # noqa: E402
+from pyvf.train.rollout_vllm import VLLMEngine  # noqa: E402
+
+QUESTIONS = ["What is 3 + 4?", "What is 12 * 7?", "What is 9 - 5?", "What is 8 / 2?"]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    model, tok = load_model_and_tokenizer("builtin")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, hf):
+    model, tok = hf
+    return VLLMEngine.from_model(BUILTIN_MODEL_DIR, stop_token_ids=eos_token_ids(model, tok),
+                                 cache_dir=tmp_path_factory.mktemp("vllm-cache"), kv_cache_memory_bytes=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def prompts(hf):
+    _, tok = hf
+    return [tok(PROMPT_TEMPLATE.format(question=q), add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+
+
+def sample(engine, prompts, seeds, **kw):
+    kw = dict(dict(max_new_tokens=32, temperature=1.0, stop=[]), **kw)
+    return engine.generate(prompts, 4, seeds=seeds, **kw)
+
+
+def test_samples_depend_only_on_prompt_and_seed(engine, prompts):
+    alone = sample(engine, [prompts[2]], [1234])[0]
+    batch = sample(engine, prompts[::-1], [7, 1234, 8, 9])  # prompts[2] is second here
+    assert [c.ids for c in alone] == [c.ids for c in batch[1]]
+    for a, b in zip(alone, batch[1]):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    other_seed = sample(engine, [prompts[2]], [4321])[0]
+    assert [c.ids for c in other_seed] != [c.ids for c in alone]
+    # n samples of one prompt are distinct streams, not copies
+    long = sample(engine, [prompts[0]], [5], max_new_tokens=48)[0]
+    assert len({tuple(c.ids) for c in long}) > 1
+
+
+def test_stop_strings_end_completions_like_the_hf_engine(engine, prompts, hf):
+    _, tok = hf
+    checker = StopChecker(tok, ["</answer>"])
+    out = sample(engine, prompts, [11, 12, 13, 14], max_new_tokens=64, stop=["</answer>"])
+    finishes = [c.finish for group in out for c in group]
+    assert "stop" in finishes
+    for c in (c for group in out for c in group):
+        assert len(c.ids) == len(c.logprobs)
+        # the HF engine's rule: the first token whose text completes a stop string ends it
+        first = next((t + 1 for t in range(len(c.ids)) if checker(c.ids[:t + 1])), None)
+        if c.finish == "stop":
+            assert tok.decode(c.ids, skip_special_tokens=True).endswith("</answer>")
+            assert first == len(c.ids)
+        elif c.finish == "eos":
+            assert c.ids[-1] in engine.stop_token_ids and first is None
+        else:
+            assert c.finish == "length" and len(c.ids) == 64 and first is None
+
+
+def hf_logprobs(model, prompt, completion, temperature):
+    """float64 log-probs of the completion's tokens under `model`."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1] / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def max_logprob_error(engine, model, prompts, temperature):
+    out = sample(engine, prompts[:2], [21, 22], temperature=temperature)
+    return max((hf_logprobs(model, p, c.ids, temperature)
+                - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item()
+               for p, group in zip(prompts, out) for c in group)
+
+
+def test_update_weights_then_logprobs_match_the_trainer(engine, prompts, hf):
+    model, _ = hf
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = type(model)(model.config).double()
+    reference.load_state_dict(original)
+    assert max_logprob_error(engine, reference, prompts, 1.0) < 1e-4
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in reference.parameters():  # the tied embedding moves the lm_head too
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        # Before the update the engine samples from the old weights: far off.
+        assert max_logprob_error(engine, reference, prompts, 0.7) > 1e-2
+        engine.update_weights((k, v.float()) for k, v in reference.state_dict().items())
+        assert max_logprob_error(engine, reference, prompts, 0.7) < 1e-4
+        assert max_logprob_error(engine, reference, prompts, 1.0) < 1e-4
+    finally:
+        engine.update_weights(original.items())
+    reference.load_state_dict(original)
+    assert max_logprob_error(engine, reference, prompts, 1.0) < 1e-4
+
+
+def test_sleep_and_wake_keep_sampling(engine, prompts):
+    before = sample(engine, prompts[:1], [3])
+    engine.sleep()
+    engine.wake()
+    assert [c.ids for c in sample(engine, prompts[:1], [3])[0]] == [c.ids for c in before[0]]
+
+
+def test_bad_arguments_are_value_errors(engine, prompts):
+    with pytest.raises(ValueError, match="seeds"):
+        engine.generate(prompts, 2, max_new_tokens=4, temperature=1.0, seeds=[1], stop=[])
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(prompts[:1], 2, max_new_tokens=4, temperature=0.0, seeds=[1], stop=[])
