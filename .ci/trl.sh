@@ -45,20 +45,45 @@ fi
 py="$VENV/bin/python"
 phase "venv ready"
 
-# The native module gets its own build folder (kept beside the venv, so rebuilds are incremental).
-PYVF_BUILD_DIR="$VENV/pyvf-build" MAX_JOBS="${MAX_JOBS:-2}" \
-  "$VENV/bin/pip" install -q --no-build-isolation -e ".[trl]"
-"$py" - "$TORCH_PIN" "$TRL_PIN" "$TRANSFORMERS_PIN" <<'EOF'
+# pyvf into the venv. The native module that .ci/run's main job built in place (same Python,
+# same torch) is reused through a .pth entry, and pip checks that the `trl` extra resolves
+# to the pinned packages without building; without a built module (or with
+# PYVF_TRL_FULL_INSTALL=1) this is a full `pip install -e ".[trl]"`, which compiles pyvf._C
+# (about 5 minutes on 2 cores).
+"$VENV/bin/pip" uninstall -q -y pyvf >/dev/null 2>&1 || true
+site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -f "$site/pyvf-checkout.pth"
+if compgen -G "pyvf/_C*.so" >/dev/null && [ "${PYVF_TRL_FULL_INSTALL:-0}" != "1" ]; then
+  echo "$PWD" > "$site/pyvf-checkout.pth"
+  "$VENV/bin/pip" install -q --dry-run --no-build-isolation -e ".[trl]" --report "$VENV/extra-report.json"
+  "$py" - "$VENV/extra-report.json" <<'EOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+items = {i["metadata"]["name"].lower(): i["metadata"] for i in report["install"]}
+if "trl" not in (items.get("pyvf", {}).get("provides_extra") or []):
+    sys.exit("ci-trl: pyproject.toml has no `trl` extra")
+changed = [f"{n}=={items[n]['version']}" for n in ("trl", "torch", "transformers") if n in items]
+if changed:
+    sys.exit(f"ci-trl: pip install -e '.[trl]' would replace the venv's pinned packages with {changed}")
+EOF
+else
+  PYVF_BUILD_DIR="$VENV/pyvf-build" MAX_JOBS="${MAX_JOBS:-2}" \
+    "$VENV/bin/pip" install -q --no-build-isolation -e ".[trl]"
+fi
+"$py" - "$TORCH_PIN" "$TRL_PIN" "$TRANSFORMERS_PIN" "$PWD" <<'EOF'
 import sys
 import torch, transformers, trl
 import pyvf, pyvf.integrations.trl, pyvf.integrations.verl
-want = {p.split("==")[0]: p.split("==")[1] for p in sys.argv[1:]}
+want = {p.split("==")[0]: p.split("==")[1] for p in sys.argv[1:-1]}
 have = {"torch": torch.__version__.split("+")[0], "trl": trl.__version__, "transformers": transformers.__version__}
 bad = {k: (have[k], v) for k, v in want.items() if have[k] != v}
 if bad:
     sys.exit(f"ci-trl: version mismatch in the venv (have, want): {bad}")
-if not pyvf.build_info()["native"]:
-    sys.exit("ci-trl: pyvf._C did not build in the venv")
+info = pyvf.build_info()
+if not info["native"] or info["torch"].split("+")[0] != have["torch"]:
+    sys.exit(f"ci-trl: pyvf._C is missing or built for another torch: {info}")
+if not pyvf.__file__.startswith(sys.argv[-1]):
+    sys.exit(f"ci-trl: the venv imports pyvf from {pyvf.__file__}, not from this checkout")
 print("ci-trl: venv has", have)
 EOF
 phase "pyvf installed"

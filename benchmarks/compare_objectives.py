@@ -24,17 +24,21 @@ from pathlib import Path
 
 import torch
 
+from pyvf.chat import stop_token_ids
 from pyvf.data import dataset
-from pyvf.objectives import OBJECTIVES
+from pyvf.objectives import get_objective
+from pyvf.objectives.base import StepContext
 from pyvf.train import config as config_mod
 from pyvf.train.evaluate import evaluate
-from pyvf.train.model import PolicyLogprobs, load_model_and_tokenizer
+from pyvf.train.model import load_model_and_tokenizer
+from pyvf.train.policy import Policy
 from pyvf.train.rollout import HFGenerate
-from pyvf.train.trainer import DataOrder, accumulate_gradients, collect_rollout, new_sums, train
+from pyvf.train.trainer import DataOrder, Prompts, accumulate_gradients, rollout, train
 
 METHODS = ["verifree", "rlpr", "nover", "verifier"]
+# proxy_sync_every 10: NOVER's official 100 would never sync in a 40-step run.
 BASE = dict(model="builtin", data="synthetic", prompts_per_step=8, group_size=8, max_new_tokens=48, lr=3e-5,
-            max_seq_len=256, micro_batch_tokens=16384, progress=False, plot=False)
+            max_seq_len=256, micro_batch_tokens=16384, progress=False, plot=False, proxy_sync_every=10)
 
 
 def held_out_accuracy(model_path: str, n: int) -> float:
@@ -47,17 +51,21 @@ def gradient_noise(objective: str, batches: int) -> float:
     """tr Cov(g) / ||E g||^2 over independent rollout batches at the starting model."""
     cfg = config_mod.from_dict({**BASE, "objective": objective}).validate()
     model, tokenizer = load_model_and_tokenizer("builtin")
-    policy = PolicyLogprobs(model)
-    obj = OBJECTIVES[objective](tokenizer, policy=policy) if objective != "verifree" else None
-    engine = HFGenerate(model, tokenizer)
+    policy = Policy(model, lm_head_pass=cfg.lm_head_pass)
     examples = dataset.load("synthetic", n_synthetic=cfg.n_synthetic)
-    order = DataOrder(len(examples), 0)
+    prompts = Prompts(cfg, tokenizer, examples)
+    obj = get_objective(objective)(cfg, tokenizer)
+    obj.attach(policy)
+    obj.setup(policy, examples, prompts, torch.device("cpu"))
+    engine = HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
+    indices = DataOrder(len(examples), 0).take(0, cfg.prompts_per_step)  # same prompts, independent samples
     grads = []
     for b in range(batches):
-        idx = order.take(0, cfg.prompts_per_step)  # same prompts, independent samples
-        rollout = collect_rollout(cfg, engine, tokenizer, examples, idx, 0, step=1000 + b)
+        ctx = StepContext(step=1000 + b, policy=policy, temperature=cfg.temperature, device=torch.device("cpu"))
+        samples = rollout(cfg, engine, prompts, indices, 0, ctx.step)
         policy.zero_grad(set_to_none=True)
-        accumulate_gradients(cfg, obj, policy, rollout, 1000 + b, torch.device("cpu"), new_sums(rollout))
+        accumulate_gradients(cfg, obj, cfg.loss_agg or obj.loss_agg, policy, samples, obj.score(samples, ctx), ctx,
+                             tokenizer)
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).double())
     g = torch.stack(grads)
     mean = g.mean(0)

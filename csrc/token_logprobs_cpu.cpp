@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace pyvf {
 namespace {
@@ -53,19 +54,38 @@ inline float vexp(float x) {
 }
 inline double vexp(double x) { return std::exp(x); }
 
+#define PYVF_ROW_INLINE inline __attribute__((always_inline))
+
 // Rows are summed in blocks: SIMD lanes accumulate a block in T, blocks accumulate
 // in double, so a 150k vocabulary keeps ~1e-7 relative accuracy in fp32.
 constexpr int64_t kSumBlock = 2048;
+
+// The row passes are inlined into each x86-64 level pyvf ships a clone for (AVX-512,
+// AVX2+FMA, baseline), picked at load time: the wheel is built for baseline x86-64,
+// while the exps of the row passes vectorize 2-4x wider on the CPUs it runs on.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones) && !defined(__clang__)
+#define PYVF_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef PYVF_ROW_CLONES
+#define PYVF_ROW_CLONES
+#endif
+#define PYVF_ROW_INLINE inline __attribute__((always_inline))
 
 // Per-row statistics of one row of scaled logits z = logits * inv_temp.
 template <typename T>
 struct RowStats {
   T lse;
   T entropy;
+  T max;
+  double sum;  // sum_j exp(z_j - max)
 };
 
+// lse and entropy of a row. With store_exp, exp(z - max) overwrites the row on the way
+// (the fused pass reuses it as the unnormalized softmax).
 template <typename T>
-RowStats<T> row_stats(const T* logits, int64_t v, T inv_temp, bool with_entropy) {
+PYVF_ROW_INLINE RowStats<T> row_stats(T* logits, int64_t v, T inv_temp, bool with_entropy, bool store_exp) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < v; ++j) m = std::max(m, logits[j] * inv_temp);
@@ -73,7 +93,16 @@ RowStats<T> row_stats(const T* logits, int64_t v, T inv_temp, bool with_entropy)
   for (int64_t b0 = 0; b0 < v; b0 += kSumBlock) {
     const int64_t b1 = std::min(v, b0 + kSumBlock);
     T sb = 0, tb = 0;
-    if (with_entropy) {
+    if (store_exp) {
+#pragma omp simd reduction(+ : sb, tb)
+      for (int64_t j = b0; j < b1; ++j) {
+        const T d = logits[j] * inv_temp - m;
+        const T e = vexp(d);
+        sb += e;
+        tb += e * d;
+        logits[j] = e;
+      }
+    } else if (with_entropy) {
 #pragma omp simd reduction(+ : sb, tb)
       for (int64_t j = b0; j < b1; ++j) {
         const T d = logits[j] * inv_temp - m;
@@ -91,64 +120,163 @@ RowStats<T> row_stats(const T* logits, int64_t v, T inv_temp, bool with_entropy)
   RowStats<T> out;
   out.lse = static_cast<T>(m + std::log(s));
   // Relative to the max: log(s) - t / s avoids lse - sum(p z) cancelling at low entropy.
-  out.entropy = with_entropy ? static_cast<T>(std::log(s) - t / s) : T(0);
+  out.entropy = with_entropy || store_exp ? static_cast<T>(std::log(s) - t / s) : T(0);
+  out.max = m;
+  out.sum = s;
   return out;
+}
+
+// token_logprobs' forward row: log-prob of the target, lse, entropy (when asked).
+template <typename T>
+PYVF_ROW_INLINE void forward_row_impl(T* row, int64_t v, T inv_temp, int64_t target, T* logp, T* lse, T* entropy) {
+  const RowStats<T> st = row_stats(row, v, inv_temp, entropy != nullptr, false);
+  *lse = st.lse;
+  *logp = row[target] * inv_temp - st.lse;
+  if (entropy) *entropy = st.entropy;
+}
+
+// One row of logits -> dL/dz in place, given its lse (and entropy):
+// g (1[j = t] - p) - e p (z - lse + H), times 1 / temperature.
+template <typename T>
+PYVF_ROW_INLINE void grad_row_impl(T* row, int64_t v, T inv_temp, int64_t target, T g, T lse, T entropy,
+                                   const T* grad_entropy) {
+  if (grad_entropy) {
+    const T ge = *grad_entropy;
+    const T shift = entropy - lse;
+#pragma omp simd
+    for (int64_t j = 0; j < v; ++j) {
+      const T z = row[j] * inv_temp;
+      const T p = vexp(z - lse);
+      row[j] = (-g * p - ge * p * (z + shift)) * inv_temp;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < v; ++j) row[j] = -g * vexp(row[j] * inv_temp - lse) * inv_temp;
+  }
+  row[target] += g * inv_temp;
+}
+
+// policy_loss's row: statistics, then (need_grad) dL/dz in place for the coefficients
+// c (log-prob) and *ec (entropy, when given). Without an entropy coefficient the
+// statistics pass leaves exp(z - max) in the row and the gradient pass only scales it
+// (p_j = exp(z_j - max) / sum): one exp per logit instead of two.
+template <typename T>
+PYVF_ROW_INLINE void policy_row_impl(T* row, int64_t v, T inv_temp, int64_t target, T c, const T* ec,
+                                     bool need_grad, T* logp, T* lse, T* entropy) {
+  const T z_target = row[target] * inv_temp;
+  const bool reuse_exp = need_grad && ec == nullptr;
+  const RowStats<T> st = row_stats(row, v, inv_temp, true, reuse_exp);
+  *lse = st.lse;
+  *logp = z_target - st.lse;
+  *entropy = st.entropy;
+  if (!need_grad) return;
+  if (!reuse_exp) {
+    grad_row_impl(row, v, inv_temp, target, c, st.lse, st.entropy, ec);
+    return;
+  }
+  const T scale = static_cast<T>(-static_cast<double>(c) * inv_temp / st.sum);
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) row[j] *= scale;
+  row[target] += c * inv_temp;
+}
+
+// Entry points per row. The float ones are cloned for each x86-64 level (AVX-512,
+// AVX2+FMA, baseline) and picked at load time: the extension is built for baseline
+// x86-64, while the exps of the row passes vectorize 4-8x wider on the CPUs it runs on.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define PYVF_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef PYVF_ROW_CLONES
+#define PYVF_ROW_CLONES
+#endif
+
+PYVF_ROW_CLONES void forward_row_f32(float* row, int64_t v, float inv_temp, int64_t target, float* logp, float* lse,
+                                     float* entropy) {
+  forward_row_impl(row, v, inv_temp, target, logp, lse, entropy);
+}
+PYVF_ROW_CLONES void grad_row_f32(float* row, int64_t v, float inv_temp, int64_t target, float g, float lse,
+                                  float entropy, const float* grad_entropy) {
+  grad_row_impl(row, v, inv_temp, target, g, lse, entropy, grad_entropy);
+}
+PYVF_ROW_CLONES void policy_row_f32(float* row, int64_t v, float inv_temp, int64_t target, float c, const float* ec,
+                                    bool need_grad, float* logp, float* lse, float* entropy) {
+  policy_row_impl(row, v, inv_temp, target, c, ec, need_grad, logp, lse, entropy);
+}
+
+template <typename T>
+void forward_row(T* row, int64_t v, T inv_temp, int64_t target, T* logp, T* lse, T* entropy) {
+  if constexpr (std::is_same_v<T, float>) {
+    forward_row_f32(row, v, inv_temp, target, logp, lse, entropy);
+  } else {
+    forward_row_impl(row, v, inv_temp, target, logp, lse, entropy);
+  }
+}
+template <typename T>
+void grad_row(T* row, int64_t v, T inv_temp, int64_t target, T g, T lse, T entropy, const T* grad_entropy) {
+  if constexpr (std::is_same_v<T, float>) {
+    grad_row_f32(row, v, inv_temp, target, g, lse, entropy, grad_entropy);
+  } else {
+    grad_row_impl(row, v, inv_temp, target, g, lse, entropy, grad_entropy);
+  }
+}
+template <typename T>
+void policy_row(T* row, int64_t v, T inv_temp, int64_t target, T c, const T* ec, bool need_grad, T* logp, T* lse,
+                T* entropy) {
+  if constexpr (std::is_same_v<T, float>) {
+    policy_row_f32(row, v, inv_temp, target, c, ec, need_grad, logp, lse, entropy);
+  } else {
+    policy_row_impl(row, v, inv_temp, target, c, ec, need_grad, logp, lse, entropy);
+  }
 }
 
 // One pass per row of a [c, v] logits chunk: log-prob of the target, lse, entropy.
 template <typename T>
-void forward_rows(const T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, T* logp, T* lse,
+void forward_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, T* logp, T* lse,
                   T* entropy) {
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < c; ++i) {
-    const T* row = logits + i * v;
-    const RowStats<T> st = row_stats(row, v, inv_temp, entropy != nullptr);
-    lse[i] = st.lse;
-    logp[i] = row[targets[i]] * inv_temp - st.lse;
-    if (entropy) entropy[i] = st.entropy;
-  }
+  for (int64_t i = 0; i < c; ++i)
+    forward_row(logits + i * v, v, inv_temp, targets[i], logp + i, lse + i, entropy ? entropy + i : nullptr);
 }
 
-// Turns a [c, v] logits chunk into dL/dz in place:
-// g (1[j = t] - p) - e p (z - lse + H), times 1 / temperature.
+// Turns a [c, v] logits chunk into dL/dz in place (token_logprobs' backward).
 template <typename T>
 void backward_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, const T* lse,
                    const T* grad_logp, const T* entropy, const T* grad_entropy) {
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < c; ++i) {
-    T* row = logits + i * v;
-    const T g = grad_logp[i], l = lse[i];
-    if (grad_entropy) {
-      const T ge = grad_entropy[i];
-      const T shift = entropy[i] - l;
-#pragma omp simd
-      for (int64_t j = 0; j < v; ++j) {
-        const T z = row[j] * inv_temp;
-        const T p = vexp(z - l);
-        row[j] = (-g * p - ge * p * (z + shift)) * inv_temp;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < v; ++j) row[j] = -g * vexp(row[j] * inv_temp - l) * inv_temp;
-    }
-    row[targets[i]] += g * inv_temp;
-  }
+  for (int64_t i = 0; i < c; ++i)
+    grad_row(logits + i * v, v, inv_temp, targets[i], grad_logp[i], lse[i], grad_entropy ? entropy[i] : T(0),
+             grad_entropy ? grad_entropy + i : nullptr);
+}
+
+// policy_loss's rows: statistics and, when need_grad, dL/dz in place.
+template <typename T>
+void policy_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, const T* coeffs,
+                 const T* entropy_coeffs, bool need_grad, T* logp, T* lse, T* entropy) {
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < c; ++i)
+    policy_row(logits + i * v, v, inv_temp, targets[i], coeffs[i], entropy_coeffs ? entropy_coeffs + i : nullptr,
+               need_grad, logp + i, lse + i, entropy + i);
 }
 
 // out = a @ b for a [c, K] chunk of dL/dz and b [K, H], K = the vocabulary. One fp32
 // GEMM over K = 151936 accumulates along K in long runs (MKL: ~5e-5 relative error on
-// d_hidden, measured); blocks of kSumBlock columns with the partial products summed in
-// double keep it near 1e-6 for a negligible c * H * K / kSumBlock extra additions.
+// d_hidden, measured); blocks of kGemmBlock columns with the partial products summed in
+// double keep it near 2e-6 for a negligible c * H * K / kGemmBlock extra additions.
+// (Smaller blocks are more accurate still, but many small GEMMs cost their own time.)
+constexpr int64_t kGemmBlock = 8192;
+
 void mm_blocked_k(torch::Tensor& out, const torch::Tensor& a, const torch::Tensor& b) {
   const int64_t k = a.size(1);
-  if (k <= kSumBlock || a.scalar_type() == torch::kDouble) {
+  if (k <= kGemmBlock || a.scalar_type() == torch::kDouble) {
     at::mm_out(out, a, b);
     return;
   }
   auto acc = torch::zeros(out.sizes(), out.options().dtype(torch::kDouble));
   auto part = torch::empty_like(out);
-  for (int64_t k0 = 0; k0 < k; k0 += kSumBlock) {
-    const int64_t kb = std::min(kSumBlock, k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += kGemmBlock) {
+    const int64_t kb = std::min(kGemmBlock, k - k0);
     at::mm_out(part, a.narrow(1, k0, kb), b.narrow(0, k0, kb));
     acc.add_(part);
   }
@@ -266,13 +394,11 @@ std::vector<torch::Tensor> policy_loss_cpu(const torch::Tensor& hidden, const to
       at::mm_out(logits, h_chunk, w_c.t());
       scalar_t* z = logits.data_ptr<scalar_t>();
       const int64_t* t = tgt.data_ptr<int64_t>() + r0;
-      forward_rows<scalar_t>(z, c, v, it, t, logp.data_ptr<scalar_t>() + r0, lse.data_ptr<scalar_t>() + r0,
-                             entropy.data_ptr<scalar_t>() + r0);
+      policy_rows<scalar_t>(z, c, v, it, t, c_c.data_ptr<scalar_t>() + r0,
+                            with_entropy_grad ? e_c.data_ptr<scalar_t>() + r0 : nullptr, need_grad,
+                            logp.data_ptr<scalar_t>() + r0, lse.data_ptr<scalar_t>() + r0,
+                            entropy.data_ptr<scalar_t>() + r0);
       if (!need_grad) continue;
-      // The coefficients are the upstream gradients of the log-probs and entropies.
-      backward_rows<scalar_t>(z, c, v, it, t, lse.data_ptr<scalar_t>() + r0, c_c.data_ptr<scalar_t>() + r0,
-                              entropy.data_ptr<scalar_t>() + r0,
-                              with_entropy_grad ? e_c.data_ptr<scalar_t>() + r0 : nullptr);
       if (need_d_hidden) {
         auto d_hidden_chunk = d_hidden.narrow(0, r0, c);
         mm_blocked_k(d_hidden_chunk, logits, w_c);

@@ -2,7 +2,7 @@
 `pyvf.integrations.trl.VeriFreeTrainer` and write the reward curve.
 
     pip install --no-build-isolation -e ".[trl]"
-    python examples/trl_verifree.py --max-steps 40              # CPU: about 20 s a step on 2 cores
+    python examples/trl_verifree.py --max-steps 40      # CPU: 20-40 s a step on 2 cores (16 samples of 64 tokens)
     python examples/trl_verifree.py --model Qwen/Qwen3-1.7B --data my.jsonl --use-vllm --bf16   # a real run
 
 The dataset is any `datasets.Dataset` with a `prompt` column and an `answer` column (a

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--prompt-template", default="", help="prompt with {question} (default: the synthetic task's)")
+    ev.add_argument("--chat-template", default="auto", choices=("auto", "none"),
+                    help="auto: the tokenizer's chat template when it has one")
+    ev.add_argument("--system-prompt", default="")
+    ev.add_argument("--assistant-prefix", default="", help="text that starts the assistant turn, e.g. <think>")
+    ev.add_argument("--stop", default="</answer>", help="stop strings, | separated (\"\" for EOS only)")
     ev.add_argument("--output", default=None, help="JSON file for the result (default: eval.json)")
 
     demo = sub.add_parser("demo", help="evaluate, train with VeriFree on the CPU, evaluate again")
@@ -65,15 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=DEMO_DEFAULTS["max_steps"])
     demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"])
     demo.add_argument("--eval-questions", type=int, default=200, help="held-out questions evaluated before and after")
+    demo.add_argument("--rollout", default="hf", choices=("hf", "vllm"), help="rollout engine (vllm: see README)")
 
     bench = sub.add_parser("bench", help="time the ops at sizes that fit this machine and print a table")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--sizes", type=_sizes, default=None,
                        help="comma-separated batch sizes, e.g. 1e4,1e6 (default: by device)")
     bench.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    bench.add_argument("suites", nargs="*", metavar="SUITE",
+                       help="suites to run (default: grouped_advantages verifree_loss token_logprobs train_step); "
+                            "one or more of pyvf.bench.SUITES, e.g. policy_loss rollout forward trainer_step")
     bench.add_argument("--impls", default=None,
-                       help="comma-separated log-prob implementations (default: all of "
-                            "pyvf,torch-eager,torch-compile-chunked,liger-flce,cut-cross-entropy)")
+                       help="comma-separated implementations, each suite keeps the ones it knows (default: all)")
     return parser
 
 
@@ -126,7 +134,7 @@ def _train(args, extra: list[str]) -> int:
     return 0
 
 
-def _evaluate_path(model_spec: str, data: str, limit, max_new_tokens: int, prompt_template: str = "") -> dict:
+def _evaluate_path(model_spec: str, data: str, limit, max_new_tokens: int, **prompting) -> dict:
     from pyvf.data import dataset
     from pyvf.train.evaluate import evaluate
     from pyvf.train.model import load_model_and_tokenizer
@@ -135,13 +143,16 @@ def _evaluate_path(model_spec: str, data: str, limit, max_new_tokens: int, promp
     examples = dataset.load(data, n_synthetic=limit or 500, split="eval")
     if limit is not None:
         examples = examples[:limit]
-    return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, prompt_template=prompt_template)
+    return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, **prompting)
 
 
 def _eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    result = _evaluate_path(args.model, args.data, args.limit, args.max_new_tokens, args.prompt_template)
+    result = _evaluate_path(args.model, args.data, args.limit, args.max_new_tokens,
+                            prompt_template=args.prompt_template, chat_template=args.chat_template,
+                            system_prompt=args.system_prompt, assistant_prefix=args.assistant_prefix,
+                            stop=tuple(s for s in args.stop.split("|") if s))
     print(f"eval: accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['n']}) "
           f"model {args.model} data {args.data}")
     output = args.output or "eval.json"
@@ -160,9 +171,10 @@ def _demo(args) -> int:
     before = _evaluate_path("builtin", "synthetic", n, 64)
     print(f"demo: accuracy before training {100 * before['accuracy']:.1f}%", flush=True)
     cfg = config_mod.from_dict({**DEMO_DEFAULTS, "output_dir": args.output_dir, "max_steps": args.max_steps,
-                                "seed": args.seed}).validate()
+                                "seed": args.seed, "rollout": args.rollout}).validate()
     print(f"demo: training with VeriFree for {cfg.max_steps} steps "
-          f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples) -> {cfg.output_dir}", flush=True)
+          f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples, rollout engine {cfg.rollout}) "
+          f"-> {cfg.output_dir}", flush=True)
     train(cfg)
     after = _evaluate_path(str(Path(cfg.output_dir) / "checkpoints" / f"step-{cfg.max_steps:06d}"), "synthetic", n, 64)
     elapsed = time.time() - start
@@ -171,18 +183,22 @@ def _demo(args) -> int:
     Path(cfg.output_dir, "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"demo: plot {Path(cfg.output_dir) / 'metrics.png'}")
     print(f"demo: accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
-          f"({n} held-out questions, {elapsed:.0f} s)")
+          f"({n} held-out questions, {elapsed:.0f} s, rollout engine {cfg.rollout})")
     return 0
 
 
 def _bench(args) -> int:
     from pyvf import bench
 
-    impls = args.impls.split(",") if args.impls else None
-    unknown = sorted(set(impls or []) - set(bench.LOGPROB_IMPLS))
+    unknown = sorted(set(args.suites) - set(bench.SUITES))
     if unknown:
-        raise ConfigError(f"unknown --impls {', '.join(unknown)}; choose from {', '.join(bench.LOGPROB_IMPLS)}")
-    return bench.main(args.device, args.sizes, args.output, impls)
+        raise ConfigError(f"unknown suite {', '.join(unknown)}; choose from {', '.join(bench.SUITES)}")
+    impls = args.impls.split(",") if args.impls else None
+    known = {i for names in bench.suite_impls(args.suites or bench.DEFAULT_SUITES).values() for i in names}
+    unknown = sorted(set(impls or []) - known)
+    if unknown:
+        raise ConfigError(f"unknown --impls {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return bench.main(args.device, args.sizes, args.output, impls, args.suites or None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,23 @@ import torch
 
 from pyvf.ops import token_logprobs
 from pyvf.packing import Sequence, pack
-from pyvf.train.model import (PolicyLogprobs, choose_forward_mode, decoder_hidden_states, load_model_and_tokenizer,
-                              set_forward_mode)
+from pyvf.train.model import (
+    _packed_is_cheaper,
+    choose_forward_mode,
+    decoder_hidden_states,
+    load_model_and_tokenizer,
+    set_forward_mode,
+)
+from pyvf.train.policy import Policy
 
 
 def tiny(arch: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
@@ -59,7 +70,7 @@ def test_packed_logprobs_equal_each_sequence_alone(arch, builtin):
     vocab = model.get_input_embeddings().weight.shape[0]
     seqs = random_sequences(vocab, [17, 1, 40, 3, 9, 2], g)
     batch = pack(seqs)
-    assert choose_forward_mode(model) == "packed"
+    assert choose_forward_mode(model) == "packed" and _packed_is_cheaper(model, batch)
     with torch.no_grad():
         hidden = decoder_hidden_states(model, batch)
         assert hidden.shape == (batch.input_ids.numel(), model.config.hidden_size)
@@ -85,7 +96,7 @@ def test_packed_gradients_equal_padded(builtin):
     model = tiny("llama").float()
     seqs = random_sequences(97, [12, 5, 20], g)
     batch = pack(seqs)
-    policy = PolicyLogprobs(model, backend="reference")
+    policy = Policy(model, backend="reference")
     grads = {}
     for mode in ("packed", "padded"):
         set_forward_mode(model, mode)
@@ -120,6 +131,16 @@ def test_model_that_ignores_position_ids_falls_back_to_padded(caplog):
     decoder.forward = original
     want = torch.cat([own_forward_logprobs(model, s) for s in seqs])
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_layout_per_batch_by_cost(builtin):
+    """Without a varlen kernel, a length-skewed batch runs packed (a dense block-diagonal
+    mask over 1004 tokens is far cheaper than 64 rows padded to 500) and a batch of equal
+    lengths runs padded (no padding to save, and T^2 mask pairs to lose)."""
+    skewed = pack([Sequence([1] * 500, [], [], group=0)] + [Sequence([1] * 8, [], [], group=i) for i in range(63)])
+    equal = pack([Sequence([1] * 40, [], [], group=i) for i in range(64)])
+    assert _packed_is_cheaper(builtin, skewed)
+    assert not _packed_is_cheaper(builtin, equal)
 
 
 def test_set_forward_mode_rejects_unknown_modes():

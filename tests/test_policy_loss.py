@@ -141,7 +141,7 @@ def test_gradient_equals_autograd_through_token_logprobs(backend, device, dtype)
     t_loss = (coeffs * t_logp).sum() + (ecoeffs * t_entropy).sum()
     t_loss.backward()
     tol = TOL[dtype]
-    assert abs(float(loss) - float(t_loss)) <= tol * loss_scale(coeffs, t_logp.detach(), ecoeffs, t_entropy.detach())
+    assert abs(float(loss.detach()) - float(t_loss.detach())) <= tol * loss_scale(coeffs, t_logp.detach(), ecoeffs, t_entropy.detach())
     assert rel_err(logp, t_logp) < tol and rel_err(entropy, t_entropy) < tol
     assert rel_err(d_hidden, hidden.grad) < tol
     assert rel_err(d_weight, weight.grad) < tol

@@ -9,8 +9,17 @@ import torch
 
 from pyvf.data.synthetic import PROMPT_TEMPLATE
 from pyvf.train.model import load_model_and_tokenizer
-from pyvf.train.rollout import (HFGenerate, StopChecker, _signed, greedy, gumbel_noise, row_key, sample_tokens,
-                                splitmix64, splitmix64_tensor)
+from pyvf.train.rollout import (
+    HFGenerate,
+    StopChecker,
+    _signed,
+    greedy,
+    gumbel_noise,
+    row_key,
+    sample_tokens,
+    splitmix64,
+    splitmix64_tensor,
+)
 from pyvf.train.rollout_vllm import VLLMEngine, vllm_available
 
 QUESTIONS = ["What is 3 + 4?", "What is 12 * 7 + 1?", "What is 9 - 5?"]

@@ -125,6 +125,8 @@ def test_two_processes_match_one(tmp_path, objective):
     (["train", "--bogus-key", "1"], "unknown config key 'bogus_key'"),
     (["train", "--model", "/nonexistent/model", "--max-steps", "1"], "is not a Hugging Face model directory"),
     (["train", "--group-size", "1"], "group_size must be >= 2"),
+    (["train", "--rollout", "vllm", "--max-steps", "1"], "vLLM is not installed"),
+    (["train", "--objective", "nonsense"], "objective must be one of"),
     (["train", "--max-seq-len", "8", "--max-steps", "1"], "max_seq_len 8 is too short to hold any answer"),
     (["train", "--data", "EMPTY", "--max-steps", "1"], "is empty"),
     (["eval", "--model", "/nonexistent"], "is not a Hugging Face model directory"),
@@ -162,3 +164,22 @@ def test_eval_on_jsonl(tmp_path):
     result = json.loads(out.read_text())
     assert result["n"] == 6 and 0.0 <= result["accuracy"] <= 1.0
     assert result["correct"] == sum(d["correct"] for d in result["details"])
+
+
+def test_train_a_chat_model(tmp_path, caplog):
+    """A model directory whose tokenizer has a chat template, chat special tokens, two
+    EOS ids and no pad token: prompts go through the template, generation stops at
+    either EOS, and the log says so."""
+    import logging
+
+    from chat_fixtures import chat_model_dir
+
+    model_dir = chat_model_dir(tmp_path / "model", pad=False)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="pyvf"):
+        assert cli(["train", "--model", str(model_dir), "--assistant-prefix", "<think>", "--system-prompt",
+                    "Be brief.", "--max-steps", "1", "--n-synthetic", "16", "--output-dir", str(out), *FAST]) == 0
+    text = caplog.text
+    assert "chat template" in text and "<think>" in text
+    assert "<|im_end|>" in text and "<|endoftext|>" in text  # both stop tokens
+    assert [r["step"] for r in metrics(out)] == [1]

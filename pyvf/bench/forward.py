@@ -42,9 +42,10 @@ def _model(device: torch.device, dtype: torch.dtype):
 
 
 def forward_backward_fn(model, batch, mode: str):
-    from pyvf.train.model import PolicyLogprobs, set_forward_mode
+    from pyvf.train.model import set_forward_mode
+    from pyvf.train.policy import Policy
 
-    policy = PolicyLogprobs(model)
+    policy = Policy(model)
     device = model.get_output_embeddings().weight.device
     batch = batch.to(device)
 

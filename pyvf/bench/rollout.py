@@ -88,7 +88,8 @@ def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] |
     """`sizes`: prompts per step (default 16). Each engine samples the same prompts with
     the same seeds `repeats` times after one warm-up call; the record's `n` is the number
     of tokens sampled per call and `tokens_per_s` the rate."""
-    from pyvf.train.rollout import HFGenerate, eos_token_ids
+    from pyvf.chat import stop_token_ids
+    from pyvf.train.rollout import HFGenerate
     from pyvf.train.rollout_vllm import VLLMEngine, vllm_available
 
     dtype = default_dtype(device)
@@ -99,7 +100,7 @@ def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] |
             model, tok, model_dir = _qwen3_0_6b(device, dtype, workdir)
         else:
             model, tok, model_dir = _shipped(device, dtype)
-        stop_ids = eos_token_ids(model, tok)
+        stop_ids = stop_token_ids(model, tok)
         vocab = model.get_input_embeddings().weight.shape[0]
         engines = {}
         for n_prompts in sizes or [16]:
@@ -125,7 +126,7 @@ def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] |
                                                               gpu_memory_utilization=0.5)
                 engine = engines[impl]
 
-                def call():
+                def call(engine=engine, prompts=prompts, seeds=seeds):
                     return engine.generate(prompts, group_size, max_new_tokens=max_new_tokens, temperature=1.0,
                                            seeds=seeds, stop=[])
 

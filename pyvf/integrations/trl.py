@@ -267,10 +267,20 @@ def _row(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
     return ids[mask.bool()].tolist()
 
 
-def _score_forward(model, sequences: list[Sequence], pad_id: int, device):
+def _score_forward(model, sequences: list[Sequence], pad_id: int, device, layout_model: nn.Module):
     """Per-token log-probs (packed order) of packed sequences through the model's fused
-    head: one decoder forward, `token_logprobs` on the rows that have a target."""
+    head: one decoder forward, `token_logprobs` on the rows that have a target. The
+    layout is pyvf's (`pyvf.train.model.choose_forward_mode`, decided once per model):
+    padding-free [1, T] with position_ids restarting per sequence where the attention
+    takes it, else padded [B, L]. `model` may be wrapped (DDP, PEFT); `layout_model` is
+    the transformers model underneath."""
+    from pyvf.train.model import choose_forward_mode
+
     batch = pack(sequences)
+    if choose_forward_mode(layout_model, device) == "packed":
+        out = model(input_ids=batch.input_ids.to(device)[None], position_ids=batch.position_ids.to(device)[None],
+                    shift_labels=batch.targets.to(device)[None], fused_lm_head=True)
+        return out.log_probs[0], batch
     padded = batch.padded(pad_id=pad_id)
     out = model(input_ids=padded.input_ids.to(device), attention_mask=padded.attention_mask.to(device),
                 position_ids=padded.position_ids.to(device), shift_labels=padded.targets.to(device),
@@ -489,7 +499,8 @@ def _trainer_classes():
             mode = "train" if self.model.training else "eval"
             device = inputs["prompt_ids"].device
             seqs, completion, weights = self.spliced_sequences(inputs)
-            logp, batch = _score_forward(model, seqs, self._tokenizer.pad_token_id, device)
+            logp, batch = _score_forward(model, seqs, self._tokenizer.pad_token_id, device,
+                                         _unwrap_peft(self.accelerator.unwrap_model(self.model)))
             dev = logp.device
             out = verifree_loss(logp, batch.roles.to(dev), batch.cu_seqlens.to(dev), batch.groups.to(dev),
                                 completion=completion.to(dev), weights=weights.to(dev))
@@ -560,7 +571,8 @@ def _trainer_classes():
             for start in range(0, len(seqs), step):
                 chunk, chunk_spans = seqs[start:start + step], spans[start:start + step]
                 with torch.no_grad():
-                    logp, batch = _score_forward(self.model, chunk, self._tokenizer.pad_token_id, device)
+                    logp, batch = _score_forward(self.model, chunk, self._tokenizer.pad_token_id, device,
+                                                 _unwrap_peft(self.accelerator.unwrap_model(self.model)))
                 in_span = torch.zeros(batch.input_ids.numel(), dtype=torch.bool)
                 answer_rows = (batch.roles == ROLE_ANSWER).nonzero().squeeze(1)
                 k = 0

@@ -124,6 +124,48 @@ def verifree_loss(logprobs: torch.Tensor, roles: torch.Tensor, cu_seqlens: torch
     )
 
 
+@dataclass
+class VerifreeCoefficients:
+    coeffs: torch.Tensor          # [T] float64: -A_i on reasoning rows (first copy), -w_k R_ik on answer rows
+    rewards: torch.Tensor         # [C] per completion
+    advantages: torch.Tensor      # [C]
+    found: torch.Tensor           # [C] bool: an answer was scored
+    answer_len: torch.Tensor      # [C] answer tokens of the first copy
+
+
+def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu_seqlens: torch.Tensor,
+                          groups: torch.Tensor, *, completion: torch.Tensor | None = None,
+                          weights: torch.Tensor | None = None, first_copy: torch.Tensor | None = None
+                          ) -> VerifreeCoefficients:
+    """VeriFree's gradient as per-row coefficients of the log-probs (the single pass:
+    only the answer rows' log-probs are needed to know them). answer_logprobs [T]: the
+    current log-probs, read on the answer rows only; roles [T], cu_seqlens [B + 1],
+    groups [B], completion / weights [B] as in `verifree_loss`. `first_copy` [B] marks the
+    sequence of each completion that carries its reasoning (default: the first)."""
+    device = answer_logprobs.device
+    n_seq = cu_seqlens.numel() - 1
+    is_answer = roles == ROLE_ANSWER
+    answer_sum = segment_sum(answer_logprobs.double(), cu_seqlens, mask=is_answer)
+    answer_len = segment_sum(torch.ones_like(answer_logprobs), cu_seqlens, mask=is_answer)
+    index, n_comp = _per_completion_index(completion, n_seq, device)
+    if weights is None:
+        copies = torch.zeros(n_comp, device=device).index_add_(0, index, torch.ones(n_seq, device=device))
+        weights = 1.0 / copies[index]
+    weights = weights.to(device=device, dtype=torch.float64)
+    first = _first_of_each(index, n_comp)
+    if first_copy is None:
+        first_copy = torch.zeros(n_seq, dtype=torch.bool, device=device).index_fill_(0, first, True)
+    seq_reward, rewards, advantages = verifree_rewards(answer_sum, answer_len > 0, index, n_comp, weights,
+                                                       groups.to(device)[first])
+    row_seq = torch.repeat_interleave(torch.arange(n_seq, device=device), cu_seqlens.diff(),
+                                      output_size=roles.numel())
+    reasoning = torch.where(first_copy.to(device), -advantages[index], torch.zeros_like(seq_reward))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    coeffs = torch.where(roles == ROLE_REASONING, reasoning[row_seq],
+                         torch.where(is_answer, -(weights * seq_reward)[row_seq], zero))
+    return VerifreeCoefficients(coeffs, rewards, advantages, answer_len[first] > 0, answer_len[first])
+
+
 class VeriFree(Objective):
     name = "verifree"
     loss_agg = "seq_mean_token_sum"
@@ -161,27 +203,15 @@ class VeriFree(Objective):
 
     def coefficients(self, mb: MicroBatch, looked: torch.Tensor, ctx: StepContext):
         batch, device = mb.batch, mb.device
-        roles = batch.roles.to(device)
-        cu = batch.cu_seqlens.to(device)
-        is_answer = roles == ROLE_ANSWER
-        answer_sum = segment_sum(looked.double(), cu, mask=is_answer)
-        has_answer = segment_sum(torch.ones_like(looked), cu, mask=is_answer) > 0
-        index, n_comp = _per_completion_index(mb.owner.to(device), mb.owner.numel(), device)
-        weights = torch.tensor([self._weights[j] for j in mb.index], dtype=torch.float64, device=device)
-        first = _first_of_each(index, n_comp)
-        comp_groups = batch.groups.to(device)[first]
-        seq_reward, rewards, advantages = verifree_rewards(answer_sum, has_answer, index, n_comp, weights,
-                                                           comp_groups)
-        is_first = torch.tensor([self._first[j] for j in mb.index], device=device)
-        seq = mb.row_sequence
-        reasoning_coeff = torch.where(is_first, -advantages[index], torch.zeros_like(seq_reward))
-        coeffs = torch.where(roles == ROLE_REASONING, reasoning_coeff[seq],
-                             torch.where(is_answer, -(weights * seq_reward)[seq], torch.zeros((), dtype=torch.float64,
-                                                                                               device=device)))
+        out = verifree_coefficients(
+            looked, batch.roles.to(device), batch.cu_seqlens.to(device), batch.groups.to(device),
+            completion=mb.owner.to(device),
+            weights=torch.tensor([self._weights[j] for j in mb.index], dtype=torch.float64, device=device),
+            first_copy=torch.tensor([self._first[j] for j in mb.index], device=device))
+        n = out.rewards.numel()
         m = ctx.metrics
-        add_metric(m, "reward_mean", rewards.sum().item(), n_comp)
-        add_metric(m, "advantage_std", (advantages.double() ** 2).sum().item(), n_comp, root=True)
-        add_metric(m, "rewarded_frac", has_answer[first].sum().item(), n_comp)
-        add_metric(m, "answer_len", segment_sum(is_answer.float(), cu)[first].sum().item(), n_comp)
-        return coeffs.float(), None
-
+        add_metric(m, "reward_mean", out.rewards.sum().item(), n)
+        add_metric(m, "advantage_std", (out.advantages.double() ** 2).sum().item(), n, root=True)
+        add_metric(m, "rewarded_frac", out.found.sum().item(), n)
+        add_metric(m, "answer_len", out.answer_len.sum().item(), n)
+        return out.coeffs, None

@@ -18,7 +18,9 @@ def setup(device: str) -> tuple[int, int, torch.device]:
         raise ValueError("device is cuda but no CUDA device is available")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+        global _owned
+        _owned = True
+    rank = dist.get_rank() if world > 1 else 0
     if want_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -26,13 +28,23 @@ def setup(device: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+_owned = False  # whether setup() created the process group (an in-process vLLM engine makes its own)
+
+
 def teardown() -> None:
-    if dist.is_initialized():
+    global _owned
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
+    _owned = False
+
+
+def _active() -> bool:
+    """More than one process (an in-process vLLM engine may hold a group of one)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
@@ -45,7 +57,7 @@ def shard(policy: torch.nn.Module) -> None:
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
+    if not _active():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -54,7 +66,7 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def all_sum_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Element-wise sum of a CPU tensor over ranks (itself in one process)."""
-    if not dist.is_initialized():
+    if not _active():
         return t
     out = t.to(device)
     dist.all_reduce(out)
@@ -62,7 +74,7 @@ def all_sum_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def all_max(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
+    if not _active():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyvf.ops import token_logprobs
 from pyvf.packing import PackedBatch
 
 log = logging.getLogger("pyvf")
@@ -63,6 +62,7 @@ def load_weights(model: nn.Module, tensors: dict) -> None:
 
 FORWARD_MODES = ("packed", "padded")
 _MODE_ATTR = "_pyvf_forward_mode"
+_FORCED_ATTR = "_pyvf_forward_mode_forced"  # set_forward_mode: no per-batch choice
 
 
 def _flash_attention_implementation() -> str | None:
@@ -152,29 +152,30 @@ def set_forward_mode(model, mode: str) -> None:
     if mode not in FORWARD_MODES:
         raise ValueError(f"mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
     setattr(model, _MODE_ATTR, mode)
+    setattr(model, _FORCED_ATTR, True)
+
+
+def _packed_is_cheaper(model, batch: PackedBatch) -> bool:
+    """Without a varlen kernel the packed forward attends through a dense [T, T] block-
+    diagonal mask: T^2 score pairs, against B * L^2 when padded to the longest sequence
+    (B * L tokens through the layers' matmuls, against T). A FLOP estimate picks the
+    cheaper layout per batch: packed for a length-skewed batch, padded for equal lengths."""
+    if _attn_implementation(model).startswith("flash_attention"):
+        return True
+    lengths = batch.cu_seqlens.diff()
+    t, b, longest = batch.input_ids.numel(), lengths.numel(), int(lengths.max())
+    layers = getattr(model.get_decoder(), "layers", None)
+    per_token = 2 * sum(p.numel() for p in layers[0].parameters()) if layers else 24 * model.config.hidden_size ** 2
+    heads = getattr(model.config, "num_attention_heads", 1)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+    per_pair = 4 * heads * head_dim
+    return t * per_token + t * t * per_pair <= b * longest * per_token + b * longest * longest * per_pair
 
 
 def decoder_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     """The decoder's last hidden states of a packed batch, [T, H] in packed order: the
     rows `token_logprobs` pairs with batch.targets."""
-    if choose_forward_mode(model) == "packed":
+    if choose_forward_mode(model) == "packed" and (getattr(model, _FORCED_ATTR, False)
+                                                   or _packed_is_cheaper(model, batch)):
         return _hidden_packed(model, batch)
     return _hidden_padded(model, batch)
-
-
-class PolicyLogprobs(nn.Module):
-    """Wraps a causal LM so that one forward returns per-token log-probs of the packed
-    batch's targets: the decoder gives hidden states, `token_logprobs` applies the
-    lm_head only on the rows that have a target. Being a module (rather than a
-    function reaching into `model.lm_head`) lets FSDP2 gather the lm_head for it."""
-
-    def __init__(self, model: nn.Module, backend: str = "auto"):
-        super().__init__()
-        self.model = model
-        self.backend = backend
-
-    def forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-        flat = decoder_hidden_states(self.model, batch)
-        weight = self.model.get_output_embeddings().weight
-        return token_logprobs(flat, weight, batch.targets.to(weight.device), temperature=temperature,
-                              ignore_index=batch.ignore_index, backend=self.backend)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
+
+from pyvf.chat import stop_token_ids as stop_token_ids_of
 
 
 @dataclass
@@ -49,19 +52,6 @@ def prompt_seed(seed: int, step: int, prompt_index: int) -> int:
     sample exactly what an uninterrupted single-process run samples)."""
     digest = hashlib.sha256(f"{seed}:{step}:{prompt_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def eos_token_ids(model, tokenizer=None) -> list[int]:
-    """Every EOS id of the model's generation config (Qwen has two), else the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(getattr(model, "config", None), "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        raise ValueError("the model has no EOS token id (generation_config.eos_token_id); pass stop_token_ids")
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop) -> None:
@@ -264,7 +254,7 @@ class HFGenerate:
     def __init__(self, model, tokenizer, *, stop_token_ids: list[int] | None = None, synced: bool = False):
         self.model = model
         self.tokenizer = tokenizer
-        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else eos_token_ids(model, tokenizer)
+        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else stop_token_ids_of(model, tokenizer)
         if not self.stop_token_ids:
             raise ValueError("stop_token_ids must hold at least one EOS id")
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -280,11 +270,6 @@ class HFGenerate:
                             stop_checker=StopChecker(self.tokenizer, stop), pad_id=self.pad_id, synced=self.synced)
         completions = [Completion(ids, finish, lp) for ids, finish, lp in rows]
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def sample(self, prompt_ids, n, *, max_new_tokens, temperature, seed, stop=()):
-        """One prompt (the trainer's call before batched rollouts)."""
-        return self.generate([prompt_ids], n, max_new_tokens=max_new_tokens, temperature=temperature, seeds=[seed],
-                             stop=stop)[0]
 
     def update_weights(self, named_tensors) -> None:
         """No-op: the engine samples from the trained module itself."""
@@ -304,7 +289,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batc
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(stop, str):
         raise ValueError(f"stop must be a list of strings, got {stop!r}")
-    stop_ids = list(stop_token_ids) if stop_token_ids is not None else eos_token_ids(model, tokenizer)
+    stop_ids = list(stop_token_ids) if stop_token_ids is not None else stop_token_ids_of(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     checker = StopChecker(tokenizer, list(stop))
     results = []

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from pyvf.train.rollout import Completion, eos_token_ids, validate_generate_args
+from pyvf.chat import stop_token_ids as stop_token_ids_of
+from pyvf.train.rollout import Completion, validate_generate_args
 
 log = logging.getLogger("pyvf")
 
@@ -92,11 +93,12 @@ class VLLMEngine:
                    dtype: torch.dtype | str | None = None, cache_dir: str | os.PathLike | None = None,
                    gpu_memory_utilization: float = 0.3, kv_cache_memory_bytes: int = 256 << 20,
                    max_model_len: int | None = None, max_num_batched_tokens: int = 65536, max_num_seqs: int = 512,
-                   seed: int = 0) -> "VLLMEngine":
+                   seed: int = 0) -> VLLMEngine:
         """An engine on `model`: a Hugging Face model directory, or a model held in memory
         (then written, with `tokenizer`, to `cache_dir`/model first). `cache_dir` also
         receives vLLM's and inductor's caches (VLLM_CACHE_ROOT, TORCHINDUCTOR_CACHE_DIR).
-        dtype defaults to the model's. On a GPU the engine takes `gpu_memory_utilization`
+        dtype defaults to the model's (vLLM's own default would run float32 weights in
+        half precision); pass the trainer's. On a GPU the engine takes `gpu_memory_utilization`
         of the GPU's memory and can sleep; on a CPU its KV cache is `kv_cache_memory_bytes`."""
         if not vllm_available():
             raise ImportError(INSTALL_HINT)
@@ -108,13 +110,17 @@ class VLLMEngine:
             if dtype is None:
                 dtype = next(model.parameters()).dtype
             if stop_token_ids is None:
-                stop_token_ids = eos_token_ids(model, tokenizer)
+                stop_token_ids = stop_token_ids_of(model, tokenizer)
             model_dir = export_model_dir(model, tokenizer, Path(cache_dir) / "model")
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"model_dir {model_dir} is not a Hugging Face model directory (no config.json)")
         if dtype is None:
-            dtype = "auto"
+            # vLLM's "auto" runs a float32 checkpoint in half precision: take the checkpoint's own dtype
+            import json
+
+            config = json.loads((model_dir / "config.json").read_text())
+            dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if isinstance(dtype, torch.dtype):
@@ -132,18 +138,26 @@ class VLLMEngine:
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
         if stop_token_ids is None:
-            from transformers import GenerationConfig
+            from types import SimpleNamespace
+
+            from transformers import AutoConfig, GenerationConfig
 
             try:
-                stop_token_ids = eos_token_ids(GenerationConfig.from_pretrained(str(model_dir)))
-            except (OSError, ValueError):
-                from transformers import AutoConfig
-
-                stop_token_ids = eos_token_ids(AutoConfig.from_pretrained(str(model_dir)))
+                generation = GenerationConfig.from_pretrained(str(model_dir))
+            except OSError:
+                generation = None
+            stop_token_ids = stop_token_ids_of(SimpleNamespace(generation_config=generation,
+                                                               config=AutoConfig.from_pretrained(str(model_dir))))
         kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=not on_gpu,
                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
         if max_model_len is not None:
+            import json
+
+            limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+            if limit and max_model_len > limit:  # vLLM refuses a length past the model's positions
+                log.info("vLLM max_model_len %d capped at the model's max_position_embeddings %d", max_model_len, limit)
+                max_model_len = limit
             kwargs["max_model_len"] = max_model_len
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)

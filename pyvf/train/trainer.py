@@ -163,11 +163,15 @@ def _check_length_limit(cfg: TrainConfig, tokenizer, prompts: Prompts) -> None:
                           f"plus answer takes {shortest} tokens")
 
 
-def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], out_dir: Path, sharded: bool):
+def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool):
     if cfg.rollout == "vllm":
-        from pyvf.train.rollout_vllm import VLLMEngine
+        from pyvf.train.rollout_vllm import VLLMEngine, vllm_available
 
-        return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=out_dir / "cache",
+        if not vllm_available():
+            from pyvf.train.rollout_vllm import INSTALL_HINT
+
+            raise ConfigError(f"--rollout vllm: {INSTALL_HINT}")
+        return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=cache_dir,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                                      max_model_len=cfg.max_seq_len + cfg.max_new_tokens)
     from pyvf.train.rollout import HFGenerate
@@ -194,6 +198,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype)
     check_vocabulary(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     model.to(device)
     examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
     prompts = Prompts(cfg, tokenizer, examples)
@@ -213,6 +218,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
             log.info("resumed from %s at step %d", checkpoint.resolve(resume), state.step)
     else:
         objective.setup(policy, examples, prompts, device, rank=rank, world=world)
+    # The engine starts from the unsharded weights (vLLM loads them from a directory).
+    engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded)
     if sharded:
         distributed.shard(policy)
     objective.after_shard(sharded)
@@ -224,18 +231,14 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
         # FSDP2 picks its root at the first forward: make it the policy, before
         # generation runs the decoder layers on their own.
         with torch.no_grad():
-            eos = tokenizer.eos_token_id
-            policy(pack([Sequence([eos], [eos], [], group=0)]))
-    stop_ids = stop_token_ids(model, tokenizer)
-    engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir, sharded)
-    if resume and cfg.rollout == "vllm":
-        engine.update_weights(distributed.full_model_state(policy, sharded).items())
+            policy(pack([Sequence(stop_ids[:1], stop_ids[:1], [], group=0)]))
     order = DataOrder(len(examples), cfg.seed)
     metrics = MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None
     if rank == 0:
         log.info("train: objective %s (loss %s), rollout engine %s, lm_head pass %s, %d process(es)",
                  cfg.objective, loss_agg, getattr(engine, "name", type(engine).__name__), cfg.lm_head_pass, world)
-        log.info("train: prompts %s", describe(tokenizer, chat_template=cfg.chat_template,
+        log.info("train: stop tokens %s", tokenizer.convert_ids_to_tokens(stop_ids))
+        log.info("train: %s", describe(tokenizer, chat_template=cfg.chat_template,
                                                system_prompt=cfg.system_prompt,
                                                assistant_prefix=cfg.assistant_prefix))
 
@@ -333,7 +336,7 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
     sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0)
     for k in range(n_micro):
         if k >= len(plan):
-            dummy = pack([Sequence([tokenizer.eos_token_id], [tokenizer.eos_token_id], [], group=-1)])
+            dummy = pack([Sequence([0], [0], [], group=-1)])
             loss, _, _ = policy(dummy, cfg.temperature, coefficients=lambda _: (torch.zeros(2, device=device), None))
             (loss * 0).backward()
             continue

@@ -104,10 +104,11 @@ def test_rewards_rank_valid_completions_only():
     assert r[0] > r[1]  # the right reasoning ranks above the skipped step
 
 
-def test_gradient_is_policy_gradient_plus_k3_kl_to_the_proxy():
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd"])
+def test_gradient_is_policy_gradient_plus_k3_kl_to_the_proxy(lm_head_pass):
     """Token-mean of -A logp + beta k3(logp, proxy) (TRL 0.16 GRPOTrainer.compute_loss,
     as NOVER's trainer.py uses it), with the proxy made different from the policy."""
-    policy, tok = tiny_policy()
+    policy, tok = tiny_policy(lm_head_pass)
     cfg = config()
     obj = NOVER(cfg, tok)
     obj.attach(policy)

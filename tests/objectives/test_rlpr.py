@@ -211,11 +211,12 @@ def test_score_a_from_the_initial_policy_once():
     assert torch.equal(other.score_a, obj.score_a)
 
 
-def test_gradient_is_the_clipped_surrogate_with_entropy_bonus():
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd"])
+def test_gradient_is_the_clipped_surrogate_with_entropy_bonus(lm_head_pass):
     """accumulate_gradients with the objective's coefficients equals autograd through
     verl's loss written out: token-mean of -min(r A, clip(r, 0.8, 1.27) A) - 0.001 entropy
     (OpenBMB/RLPR verl/trainer/ppo/core_algos.py compute_policy_loss, dp_actor.py)."""
-    policy, tok = tiny_policy()
+    policy, tok = tiny_policy(lm_head_pass)
     cfg = config()
     obj = RLPR(cfg, tok)
     samples = make_samples(tok, n_groups=2)

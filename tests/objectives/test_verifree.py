@@ -114,12 +114,13 @@ from pyvf.train.trainer import accumulate_gradients  # noqa: E402
 
 
 @pytest.mark.parametrize("budget", [8192, 600])
-def test_trainer_gradient_equals_verifree_loss(budget):
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd"])
+def test_trainer_gradient_equals_verifree_loss(budget, lm_head_pass):
     """The coefficients the objective hands the lm_head pass (answer rows looked at
     first, then -A on the reasoning and -w R on the answers), accumulated over
     micro-batches of whole groups, give the gradient of verifree_loss on the whole
     packed batch."""
-    policy, tok = tiny_policy()
+    policy, tok = tiny_policy(lm_head_pass)
     cfg = config(micro_batch_tokens=budget)
     objective = VeriFree(cfg, tok)
     samples = make_samples(tok)
