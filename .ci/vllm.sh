@@ -12,7 +12,8 @@
 # PYVF_VLLM_REBUILD=1 to build it here anyway).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${PYVF_VLLM_VENV:-.venv-vllm}"
+# Kept between runs (outside the clone) and rebuilt when it does not import vLLM on torch 2.13.0.
+venv="${PYVF_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pyvf-ci/venv-vllm}"
 python="${PYTHON:-python3}"
 start=$(date +%s)
 

@@ -1,4 +1,4 @@
-"""Token-exact reference splicing for VeriFree (DESIGN.md 1.1).
+"""Token-exact reference splicing for VeriFree (docs/algorithms.md).
 
 A sampled completion is cut at the first occurrence of the marker (`<answer`, no
 closing `>`) in its decoded text, and the reference answer, rendered with the answer

@@ -20,9 +20,9 @@ def test_overrides_parse_and_coerce():
     (["--max-steps", "two"], "max_steps must be int"),
     (["--max-steps"], "--max-steps needs a value"),
     (["max-steps", "2"], "expected --key value"),
-    (["--group-size", "1"], "group_size must be >= 2 for RLOO"),
+    (["--group-size", "1"], "group_size must be >= 2 for group advantages"),
     (["--objective", "ppo"], "objective must be one of"),
-    (["--dtype", "float16"], "dtype must be float32 or bfloat16"),
+    (["--dtype", "float16"], "dtype must be one of float32, bfloat16"),
 ])
 def test_bad_overrides(args, match):
     with pytest.raises(ConfigError, match=match):

@@ -13,7 +13,7 @@ BACKENDS = native_backends()
 
 
 def brute_force(rewards, ids, estimator, eps):
-    """The definitions of DESIGN.md section 2, one reward at a time, in Python floats."""
+    """The definitions of docs/algorithms.mdsection 2, one reward at a time, in Python floats."""
     r = rewards.double().tolist()
     ids = ids.tolist()
     out = []

@@ -4,35 +4,10 @@ float64 reference and against autograd through token_logprobs, for every backend
 import pytest
 import torch
 
-from numerics import rel_err
 from pyvf.ops import policy_loss, token_logprobs
 from pyvf.ops.reference import policy_loss_reference
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-# (backend, device, dtype): the C++ path, the Triton kernels under the interpreter
-# (fp32, fp16: the interpreter's bf16 is broken) and, on a GPU, the compiled kernels.
-CASES = [
-    pytest.param("cpu", "cpu", torch.float32, id="cpu-fp32"),
-    pytest.param("cpu", "cpu", torch.float64, id="cpu-fp64"),
-    pytest.param("cpu", "cpu", torch.bfloat16, id="cpu-bf16"),
-    pytest.param("triton", "cpu", torch.float32, id="interp-fp32"),
-    pytest.param("triton", "cpu", torch.float16, id="interp-fp16"),
-    pytest.param("triton", "cuda", torch.float32, id="cuda-fp32", marks=gpu),
-    pytest.param("triton", "cuda", torch.float16, id="cuda-fp16", marks=gpu),
-    pytest.param("triton", "cuda", torch.bfloat16, id="cuda-bf16", marks=gpu),
-]
-
-
-def make_inputs(n, h, v, dtype, device, ignore_frac=0.2, ignore_index=-100):
-    hidden = torch.randn(n, h, dtype=torch.float64)
-    # Logit scale ~ 3: peaked enough that the target term matters, flat enough to be hard.
-    weight = torch.randn(v, h, dtype=torch.float64) * (3.0 / h**0.5)
-    targets = torch.randint(0, v, (n,))
-    targets[torch.rand(n) < ignore_frac] = ignore_index
-    return (hidden.to(dtype).to(device).requires_grad_(), weight.to(dtype).to(device).requires_grad_(),
-            targets.to(device))
+from numerics import CASES, TOL, make_inputs, rel_err
 
 
 def reference(hidden, weight, targets, coeffs, entropy_coeffs, temperature):

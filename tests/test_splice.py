@@ -19,7 +19,7 @@ def encode(tok, text):
 
 
 def check(tok, ids, reference, template=DEFAULT_ANSWER_TEMPLATE):
-    """Every property of DESIGN.md 1.1 / issue 4, from the definitions."""
+    """Every property of docs/algorithms.md / issue 4, from the definitions."""
     out = splice_reference(tok, ids, reference, answer_template=template)
     text = decode(tok, ids)
     pos = text.find(MARKER)

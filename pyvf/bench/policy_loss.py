@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from pyvf.bench import Record, default_dtype, dtype_name, measure
-from pyvf.bench.token_logprobs import lm_head_inputs, logprob_flops
+from pyvf.bench.token_logprobs import default_shapes, lm_head_inputs, logprob_flops
 from pyvf.ops import policy_loss, token_logprobs
 
 
@@ -100,14 +100,6 @@ def bench_policy_loss(n: int, h: int, v: int, dtype: torch.dtype, device: torch.
         records.append(measure(rec, call, device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats))
         hidden.grad = weight.grad = None
     return records
-
-
-GPU_SHAPES = [(n, h, 151936) for h in (2048, 4096) for n in (4096, 16384, 65536)]
-CPU_SHAPES = [(256, 128, 32000), (1024, 128, 32000)]
-
-
-def default_shapes(device: torch.device) -> list[tuple[int, int, int]]:
-    return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
 
 
 def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]:

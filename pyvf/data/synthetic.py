@@ -1,6 +1,6 @@
 """The built-in synthetic task: multi-step arithmetic word problems whose answers have
 equivalent forms (8/5 and 1.6), so that verifier-free rewards with several references
-(DESIGN.md 1.2) have something to do. Used by the tokenizer build, the demo and the tests.
+(docs/algorithms.md) have something to do. Used by the tokenizer build, the demo and the tests.
 
 Every problem is generated from a seed, so a split is reproducible:
 

@@ -1,13 +1,13 @@
 """pyvf inside TRL (tested with trl 1.16.0, the pin of the `pyvf[trl]` extra).
 
-- `VeriFreeTrainer`: TRL's `GRPOTrainer` with VeriFree's objective (DESIGN.md 1.1, 1.2).
+- `VeriFreeTrainer`: TRL's `GRPOTrainer` with VeriFree's objective (docs/algorithms.md).
   Same `GRPOConfig`, a dataset with a `prompt` column and an `answer` column (one
   reference, or a list of equivalent ones), no reward functions. Each sampled completion
   is spliced token-exactly (`pyvf.splice`: the sampled ids before the marker are kept),
   and ONE forward with gradient over [prompt | reasoning | reference answer] gives both
   the reward pi(answer | prompt, reasoning) and the loss (`pyvf.losses.verifree_loss`
   on the packed spliced batch, log-probs from `pyvf.ops.token_logprobs`).
-- `RLPRTrainer`: TRL's `GRPOTrainer` with RLPR's reward (DESIGN.md 1.3). A trainer and
+- `RLPRTrainer`: TRL's `GRPOTrainer` with RLPR's reward (docs/algorithms.md). A trainer and
   not a reward function, because the reward needs the policy's own probabilities of the
   reference (a TRL reward function gets text and ids, not the model) and a score of
   every training prompt by the *initial* policy before the first step.
@@ -321,7 +321,7 @@ def _trainer_classes():
         if args is None:
             return
         if args.beta != 0.0:
-            raise ValueError(f"{cls_name} has no KL term to a reference model (DESIGN.md); set beta=0.0, "
+            raise ValueError(f"{cls_name} has no KL term to a reference model (docs/algorithms.md); set beta=0.0, "
                              f"got {args.beta}")
 
     class VeriFreeTrainer(GRPOTrainer):
@@ -518,7 +518,7 @@ def _trainer_classes():
             return out.loss / normalizer
 
     class RLPRTrainer(GRPOTrainer):
-        """GRPOTrainer with RLPR's reward (DESIGN.md 1.3): 0.9 * max(0, B - A) + 0.1 * format.
+        """GRPOTrainer with RLPR's reward (docs/algorithms.md): 0.9 * max(0, B - A) + 0.1 * format.
 
         B: mean probability of the reference's tokens after the sampled reasoning (policy
         at sampling time, one no-grad forward over the spliced sequences); A: the same

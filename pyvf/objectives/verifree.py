@@ -1,4 +1,4 @@
-"""VeriFree (docs/algorithms.md, DESIGN.md 1.1 and 1.2): the policy scores its own
+"""VeriFree (docs/algorithms.md): the policy scores its own
 reasoning by the probability it gives the reference answer after it.
 
 Per completion i with references k (weights w_k, summing to 1):

@@ -9,7 +9,9 @@ from pathlib import Path
 
 log = logging.getLogger("pyvf")
 
-PLOTTED = ("loss", "reward_mean", "marker_frac", "advantage_std", "reasoning_len", "grad_norm")
+PLOTTED = ("loss", "reward_mean", "marker_frac", "advantage_std", "reasoning_len", "grad_norm", "rollout_logprob_diff")
+# The step profile, drawn together in one panel (seconds per phase).
+PROFILE = ("time_rollout", "time_scoring", "time_forward_backward", "time_optimizer", "time_weight_sync")
 
 
 class MetricsLog:
@@ -65,12 +67,21 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
         log.warning("metrics: matplotlib not installed, no plot")
         return None
     keys = [k for k in PLOTTED if any(k in r for r in records)]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.0 * len(keys)), sharex=True)
-    axes = [axes] if len(keys) == 1 else axes
+    phases = [k for k in PROFILE if any(r.get(k) for r in records)]
+    panels = len(keys) + bool(phases)
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.0 * panels), sharex=True)
+    axes = [axes] if panels == 1 else list(axes)
     steps = [r["step"] for r in records]
     for ax, key in zip(axes, keys):
         ax.plot(steps, [r.get(key) for r in records], lw=1.2)
         ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    if phases:
+        ax = axes[-1]
+        for key in phases:
+            ax.plot(steps, [r.get(key, 0.0) for r in records], lw=1.2, label=key.removeprefix("time_"))
+        ax.set_ylabel("seconds per step", fontsize=8)
+        ax.legend(fontsize=7, ncol=3)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     if title:

@@ -23,7 +23,7 @@ def random_packed(n_seq, with_missing_answers=True):
 
 
 def definition(logprobs, roles, cu, groups, completion, weights):
-    """DESIGN.md 1.1 / 1.2 written out one completion at a time."""
+    """docs/algorithms.md / 1.2 written out one completion at a time."""
     lp = logprobs.detach().tolist()
     seqs = []
     for b in range(len(cu) - 1):
