@@ -1,5 +1,13 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on
+# before anything imports triton (transformers and torch may, while tests are collected).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from numerics import CUDA_SKIP_REASON, cuda_ready
 

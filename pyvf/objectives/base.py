@@ -118,8 +118,9 @@ class Objective:
         return None
 
     def group_filter(self):
-        """An object with `keep(group_stds, step, round) -> bool mask` and `end_step()`
-        (RLPR's reward-std filter), or None: no filtering, no extra rounds."""
+        """An object with `keep(group_stds, step, round) -> bool mask over the round's
+        groups` (RLPR's reward-std filter), or None: no filtering, no extra rounds. The
+        stds are those of all ranks, so every rank makes the same decision."""
         return None
 
     def sequences(self, samples: list[Sample]) -> TrainSequences:

@@ -299,14 +299,11 @@ class RLPR(Objective):
     def group_filter(self):
         return self
 
-    # The filter protocol the trainer drives: keep() per sampling round, end_step() once.
+    # The filter protocol the trainer drives: keep() once per sampling round of a step.
     def keep(self, stds: torch.Tensor, step: int, round_: int) -> torch.Tensor:
         if round_ == 0:
             self.filter.begin_step(step)
         return self.filter.keep(stds)
-
-    def end_step(self) -> None:
-        pass
 
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
         cfg, tok = self.cfg, self.tokenizer

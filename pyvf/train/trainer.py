@@ -113,7 +113,7 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
     per_rank = cfg.prompts_per_step // world
     group_filter = objective.group_filter()
     rounds = 1 + (cfg.filter_rounds if group_filter is not None else 0)
-    kept, kept_rewards, n_kept, info = [], [], 0, {"rounds": 0, "groups_seen": 0}
+    kept, kept_rewards, n_kept, info = [], [], 0, {"rounds": 0}
     for round_ in range(rounds):
         indices = order.take(state.data_position, cfg.prompts_per_step)
         state.data_position += cfg.prompts_per_step
@@ -127,7 +127,6 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
         with timer("scoring"):
             rewards = objective.score(samples, ctx)
         info["rounds"] += 1
-        info["groups_seen"] += cfg.prompts_per_step
         if group_filter is None:
             return samples, rewards, info
         groups = torch.tensor([s.group for s in samples])
@@ -146,7 +145,6 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
         kept_rewards.append(rewards[mine])
         if n_kept >= cfg.prompts_per_step:
             break
-    group_filter.end_step()
     if n_kept < cfg.prompts_per_step and rank == 0:
         log.warning("step %d: %d of %d groups kept after %d extra sampling rounds (filter_rounds)", ctx.step, n_kept,
                     cfg.prompts_per_step, info["rounds"] - 1)
@@ -270,8 +268,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             state.step = step
             if cfg.rollout == "vllm":
-                with timer("weight_sync"):
-                    engine.update_weights(distributed.full_model_state(policy, sharded).items())
+                with timer("weight_sync"):  # device tensors in one process, gathered shards under torchrun
+                    weights = distributed.full_model_state(policy, True) if sharded else policy.model.state_dict()
+                    engine.update_weights(weights.items())
 
             record = step_record(cfg, step, sums, ctx, info, grad_norm, timer, time.perf_counter() - t0, world, device)
             if rank == 0:
