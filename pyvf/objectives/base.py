@@ -242,7 +242,10 @@ def score_rows(policy, sequences: list[Sequence], ctx: StepContext, token_budget
     """No-grad log-probs of every non-prompt token of each sequence (reasoning, answer,
     post, in order), one CPU tensor per sequence, in packed chunks of at most
     `token_budget` tokens. Every rank runs as many forwards as the busiest one, so a
-    sharded policy's collectives pair up."""
+    sharded policy's collectives pair up. Every sequence needs a prompt (the row before
+    its first scored token)."""
+    if any(not s.prompt_ids for s in sequences):
+        raise ValueError("sequences: score_rows needs a non-empty prompt in every sequence")
     from pyvf.packing import pack, plan_micro_batches
     from pyvf.train import distributed
 
@@ -260,8 +263,6 @@ def score_rows(policy, sequences: list[Sequence], ctx: StepContext, token_budget
             continue
         starts = batch.cu_seqlens.tolist()
         for b, (i, seq) in enumerate(zip(chunk, seqs)):
-            n = len(seq) - len(seq.prompt_ids)
-            first = starts[b] + len(seq.prompt_ids) - 1
-            out[i] = logprobs[first:first + n] if seq.prompt_ids else torch.cat(
-                [torch.zeros(1, dtype=torch.float64), logprobs[starts[b]:starts[b] + n - 1]])
+            first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first non-prompt token
+            out[i] = logprobs[first:first + len(seq) - len(seq.prompt_ids)]
     return out
