@@ -14,10 +14,9 @@ skipped with its reason.
 import pytest
 import torch
 
-from conftest import run_timed
-from pyvf.bench import peak_memory_bytes
-from pyvf.bench.policy_loss import CPU_SHAPES, GPU_SHAPES, POLICY_LOSS_IMPLS
-from pyvf.bench.token_logprobs import lm_head_inputs, logprob_flops
+from conftest import time_lm_head
+from pyvf.bench.policy_loss import POLICY_LOSS_IMPLS
+from pyvf.bench.token_logprobs import CPU_SHAPES, GPU_SHAPES, lm_head_inputs
 
 
 @pytest.fixture(params=range(len(GPU_SHAPES)), ids=lambda i: "nhv=%d-%d-%d" % GPU_SHAPES[i])
@@ -43,14 +42,5 @@ def test_policy_loss(benchmark, device, sync, shape, impl):
         hidden.grad = weight.grad = None
         fn(hidden, weight, targets, coeffs).backward()
 
-    benchmark.group = f"policy_loss-fwdbwd-n{n}-h{h}-v{v}"
-    try:
-        run_timed(benchmark, sync, call)
-    except torch.OutOfMemoryError:
-        pytest.skip(f"{impl} ran out of memory")
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        op="policy_loss", impl=impl, n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""),
-        tflops=logprob_flops(n, h, v, "fwdbwd") / seconds / 1e12,
-        peak_mem_bytes=peak_memory_bytes(call, device), **{"pass": "fwdbwd"},
-    )
+    time_lm_head(benchmark, sync, device, call, op="policy_loss", impl=impl, pass_="fwdbwd", n=n, h=h, v=v,
+                 dtype=dtype)

@@ -13,8 +13,8 @@ small sizes. A peer that is not installed is skipped with its reason.
 import pytest
 import torch
 
-from conftest import run_timed
-from pyvf.bench import LOGPROB_IMPLS, logprob_flops, peak_memory_bytes
+from conftest import time_lm_head
+from pyvf.bench import LOGPROB_IMPLS
 
 GPU_SHAPES = [(n, h, 151936) for h in (2048, 4096) for n in (4096, 16384, 65536)]
 CPU_SHAPES = [(256, 128, 32000), (1024, 128, 32000)]
@@ -54,15 +54,5 @@ def test_token_logprobs(benchmark, device, sync, shape, impl, pass_):
             hidden.grad = weight.grad = None
             fn(hidden, weight, targets).sum().backward()
 
-    benchmark.group = f"token_logprobs-{pass_}-n{n}-h{h}-v{v}"
-    try:
-        run_timed(benchmark, sync, call)
-    except torch.OutOfMemoryError:
-        pytest.skip(f"{impl} ran out of memory")
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        op="token_logprobs", impl=impl, n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""),
-        tflops=logprob_flops(n, h, v, pass_) / seconds / 1e12,
-        peak_mem_bytes=peak_memory_bytes(call, device),
-        **{"pass": pass_},
-    )
+    time_lm_head(benchmark, sync, device, call, op="token_logprobs", impl=impl, pass_=pass_, n=n, h=h, v=v,
+                 dtype=dtype)

@@ -180,17 +180,7 @@ PYVF_ROW_INLINE void policy_row_impl(T* row, int64_t v, T inv_temp, int64_t targ
   row[target] += c * inv_temp;
 }
 
-// Entry points per row. The float ones are cloned for each x86-64 level (AVX-512,
-// AVX2+FMA, baseline) and picked at load time: the extension is built for baseline
-// x86-64, while the exps of the row passes vectorize 4-8x wider on the CPUs it runs on.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define PYVF_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-#endif
-#ifndef PYVF_ROW_CLONES
-#define PYVF_ROW_CLONES
-#endif
+// Entry points per row: the float ones are cloned per x86-64 level (PYVF_ROW_CLONES above).
 
 PYVF_ROW_CLONES void forward_row_f32(float* row, int64_t v, float inv_temp, int64_t target, float* logp, float* lse,
                                      float* entropy) {
