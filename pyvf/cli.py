@@ -1,4 +1,4 @@
-"""The `pyvf` command line: train, eval, demo, bench.
+"""The `pyvf` command line: train, eval, demo, selfplay, bench.
 
 Errors in what the user gave (config keys, paths, data) print one line and exit 2;
 set PYVF_DEBUG=1 to see the traceback instead."""
@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"])
     demo.add_argument("--eval-questions", type=int, default=200, help="held-out questions evaluated before and after")
     demo.add_argument("--rollout", default="hf", choices=("hf", "vllm"), help="rollout engine (vllm: see README)")
+
+    play = sub.add_parser(
+        "selfplay", help="R-Zero: challenger and solver from one base model, no labels",
+        description="R-Zero self-play (pyvf/train/selfplay.py). Run it again with the same --output-dir to continue "
+                    "an interrupted run, or with more --iterations to go on.")
+    from pyvf.train.selfplay import SelfPlayConfig
+
+    for f in dataclasses.fields(SelfPlayConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            play.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=f.default,
+                              metavar="BOOL")
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            play.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default!r})")
 
     bench = sub.add_parser("bench", help="time the ops at sizes that fit this machine and print a table")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -187,6 +202,19 @@ def _demo(args) -> int:
     return 0
 
 
+def _selfplay(args) -> int:
+    from pyvf.train.selfplay import SelfPlayConfig, selfplay
+
+    cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
+    state = selfplay(cfg)
+    for record in state["history"]:
+        if "solver_accuracy" in record:
+            print(f"selfplay: iteration {record['iteration']} solver held-out accuracy "
+                  f"{100 * record['solver_accuracy']:.1f}%")
+    print(f"selfplay: solver {state['solver']}, challenger {state['challenger']} -> {cfg.output_dir}")
+    return 0
+
+
 def _bench(args) -> int:
     from pyvf import bench
 
@@ -214,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "selfplay":
+            return _selfplay(args)
         return _bench(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("PYVF_DEBUG"):

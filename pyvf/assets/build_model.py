@@ -2,14 +2,21 @@
 parameters) initialized from a fixed seed and warmed up with supervised fine-tuning
 on the synthetic task's worked solutions.
 
-    python -m pyvf.assets.build_model [--out DIR] [--steps 600]
+    python -m pyvf.assets.build_model [--out DIR] [--steps 1000]
 
 The warm-up data has a bad habit built in: 60% of its worked solutions skip a step
 (they divide before adding what the question adds, or forget what was given away),
 so the warmed-up model usually reasons its way to a wrong answer. This is what
 `pyvf demo` shows VeriFree fixing: the reference answer is unlikely after a skipped
-step, so the reward favours the complete reasoning. Deterministic on the CPU for a
-given torch version and thread count.
+step, so the reward favours the complete reasoning.
+
+Other prompts are mixed in so that every method runs on the shipped model: with the
+PCL prompt (`--objective pcl`) a solution is followed by its self-evaluation and true
+[accuracy, format] reward; with the question-writing prompt (R-Zero's challenger,
+`pyvf selfplay`) the model writes a new question of the task; and with the
+open-ended task's prompt (pyvf.data.openended, `--data openended`) it writes a short
+story and rates it against the story rubric (the true ratings, by rule).
+Deterministic on the CPU for a given torch version and thread count.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 
 from pyvf.assets import ASSETS, load_tokenizer
 from pyvf.data.dataset import SYNTHETIC_TRAIN_SEED
-from pyvf.data.synthetic import generate
+from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, generate
+from pyvf.objectives.pcl import pcl_evaluation_text
 from pyvf.ops import token_logprobs
 from pyvf.packing import IGNORE_INDEX
 
@@ -41,22 +49,47 @@ def tiny_qwen3_config(vocab_size: int, eos_id: int, pad_id: int):
     )
 
 
-def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut_fraction: float):
+def warmup_text(problem, kind: str, shortcut: bool) -> tuple[str, str]:
+    """(prompt, completion) of one arithmetic warm-up example: a worked solution
+    ("solve"), the same followed by its self-evaluation ("pcl"), or a new question
+    ("question")."""
+    solution = problem.shortcut_completion if shortcut else problem.completion
+    if kind == "solve":
+        return problem.prompt, solution
+    if kind == "pcl":
+        return (PCL_PROMPT_TEMPLATE.format(question=problem.question),
+                solution + pcl_evaluation_text(0.0 if shortcut else 1.0, 1.0))
+    if kind == "question":
+        return QUESTION_PROMPT, QUESTION_TEMPLATE.format(question=problem.question)
+    raise ValueError(f"kind must be solve, pcl or question, got {kind!r}")
+
+
+def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut_fraction: float,
+                pcl_fraction: float = 0.2, question_fraction: float = 0.1, story_fraction: float = 0.15):
     """(input_ids [B, L], targets [B, L]) with targets only on the completion and EOS.
     A `shortcut_fraction` of the worked solutions skip a step and end at a wrong
-    answer: the habit the demo's VeriFree run has to unlearn."""
+    answer: the habit the demo's VeriFree run has to unlearn. A `pcl_fraction` of the
+    examples use the PCL prompt, a `question_fraction` the question-writing prompt and
+    a `story_fraction` are rated stories of the open-ended task."""
+    from pyvf.data import openended
+
     problems = generate(n_examples, seed=seed)
+    stories = openended.warmup_pairs(n_examples, seed=seed)
     g = torch.Generator().manual_seed(seed)
     shortcut = (torch.rand(len(problems), generator=g) < shortcut_fraction).tolist()
+    u = torch.rand(len(problems), generator=g).tolist()
+    edges = [(pcl_fraction, "pcl"), (pcl_fraction + question_fraction, "question"),
+             (pcl_fraction + question_fraction + story_fraction, "story")]
+    kinds = [next((kind for edge, kind in edges if x < edge), "solve") for x in u]
     while True:
         order = torch.randperm(len(problems), generator=g).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
             rows = []
             for k in order[i:i + batch_size]:
-                p = problems[k]
-                prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-                text = p.shortcut_completion if shortcut[k] else p.completion
-                completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                prompt_text, completion_text = (stories[k] if kinds[k] == "story"
+                                                else warmup_text(problems[k], kinds[k], shortcut[k]))
+                prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+                completion = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 rows.append((prompt, completion))
             width = max(len(a) + len(b) for a, b in rows)
             ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -70,7 +103,8 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
 
 
 def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50,
-          shortcut_fraction: float = 0.6):
+          shortcut_fraction: float = 0.6, pcl_fraction: float = 0.2, question_fraction: float = 0.1,
+          story_fraction: float = 0.15):
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -79,12 +113,14 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
     model = Qwen3ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}, "
-          f"{shortcut_fraction:.0%} shortcut solutions", flush=True)
+          f"{shortcut_fraction:.0%} shortcut solutions, {pcl_fraction:.0%} PCL, {question_fraction:.0%} "
+          f"question-writing and {story_fraction:.0%} story examples", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100, shortcut_fraction)
+    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100, shortcut_fraction, pcl_fraction,
+                          question_fraction, story_fraction)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
@@ -109,13 +145,17 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shortcut-fraction", type=float, default=0.6)
+    parser.add_argument("--pcl-fraction", type=float, default=0.2)
+    parser.add_argument("--question-fraction", type=float, default=0.1)
+    parser.add_argument("--story-fraction", type=float, default=0.15)
     args = parser.parse_args(argv)
-    build(args.out, args.steps, args.batch_size, args.lr, args.seed, shortcut_fraction=args.shortcut_fraction)
+    build(args.out, args.steps, args.batch_size, args.lr, args.seed, shortcut_fraction=args.shortcut_fraction,
+          pcl_fraction=args.pcl_fraction, question_fraction=args.question_fraction, story_fraction=args.story_fraction)
     return 0
 
 

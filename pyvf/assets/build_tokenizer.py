@@ -1,4 +1,5 @@
-"""Rebuilds the shipped tokenizer: byte-level BPE trained on the synthetic task's text.
+"""Rebuilds the shipped tokenizer: byte-level BPE trained on the built-in tasks' text
+(the arithmetic task with its PCL and question-writing prompts, the open-ended stories).
 
     python -m pyvf.assets.build_tokenizer [--out DIR] [--vocab-size 1024]
 
@@ -12,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from pyvf.assets import TOKENIZER_DIR
-from pyvf.data.synthetic import generate
+from pyvf.data import openended
+from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, generate
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -21,10 +23,19 @@ CORPUS_SIZE = 20000
 
 
 def corpus() -> list[str]:
+    from pyvf.objectives.pcl import pcl_evaluation_text
+
     texts = []
-    for p in generate(CORPUS_SIZE, seed=CORPUS_SEED):
+    for k, p in enumerate(generate(CORPUS_SIZE, seed=CORPUS_SEED)):
         texts.append(p.prompt + p.completion + EOS)
         texts.extend(f" \\boxed{{{form}}}" for form in p.answers[1:])
+        if k % 4 == 0:
+            texts.append(PCL_PROMPT_TEMPLATE.format(question=p.question) + p.shortcut_completion
+                         + pcl_evaluation_text(0.0, 1.0) + EOS)
+            texts.append(p.completion + pcl_evaluation_text(1.0, 1.0) + EOS)
+        if k % 8 == 1:
+            texts.append(QUESTION_PROMPT + QUESTION_TEMPLATE.format(question=p.question) + EOS)
+    texts.extend(prompt + completion + EOS for prompt, completion in openended.warmup_pairs(5000, seed=CORPUS_SEED))
     return texts
 
 

@@ -77,8 +77,13 @@ SYNTHETIC_EVAL_SEED = 2
 
 
 def load(spec: str, *, n_synthetic: int = 5000, split: str = "train") -> list[Example]:
-    """`spec` is "synthetic" (the built-in task) or a path to a JSONL file."""
+    """`spec` is "synthetic" (the built-in arithmetic task), "openended" (the built-in
+    story task, no reference answers: pyvf.data.openended) or a path to a JSONL file."""
     if spec == "synthetic":
         seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
         return synthetic_examples(n_synthetic, seed)
+    if spec == "openended":
+        from pyvf.data import openended
+
+        return openended.examples(n_synthetic, openended.TRAIN_SEED if split == "train" else openended.EVAL_SEED)
     return load_jsonl(spec)

@@ -17,6 +17,13 @@ from fractions import Fraction
 # How a completion ends: the reasoning, then the answer in the VeriFree template.
 ANSWER_TEMPLATE = "<answer> \\boxed{{{ref}}} </answer>"
 PROMPT_TEMPLATE = "Question: {question}\nGive the final answer as <answer> \\boxed{{...}} </answer>.\nReasoning:"
+# Post-completion learning (pyvf/objectives/pcl.py): the same question, and after the
+# answer a self-evaluation and the predicted [accuracy, format] reward.
+PCL_PROMPT_TEMPLATE = ("Question: {question}\nGive the final answer as <answer> \\boxed{{...}} </answer>, then "
+                       "<evaluation> ... </evaluation> <reward> [accuracy, format] </reward>.\nReasoning:")
+# R-Zero's challenger (pyvf/objectives/rzero.py): write a new question of the task.
+QUESTION_PROMPT = "Write a new question for the task.\nNew question:"
+QUESTION_TEMPLATE = " <question> {question} </question>"
 
 _NAMES = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mira",
           "Noor", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tara"]

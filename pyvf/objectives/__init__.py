@@ -18,6 +18,8 @@ _REGISTRY: dict[str, type[Objective] | str] = {
     "rlpr": "pyvf.objectives.rlpr:RLPR",
     "nover": "pyvf.objectives.nover:NOVER",
     "verifier": "pyvf.objectives.verifier:Verifier",
+    "pcl": "pyvf.objectives.pcl:PCL",
+    "rzero": "pyvf.objectives.rzero:RZeroChallenger",
 }
 
 

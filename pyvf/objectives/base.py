@@ -44,6 +44,7 @@ class Sample:
     finish: str                   # "stop", "eos" or "length"
     rollout_logprobs: list[float] | None  # the engine's log-prob of each sampled token
     group: int                    # the prompt's index within the step (global across ranks and rounds)
+    answer_end: int | None = None  # when sampling went on past the answer (PCL): ids[:answer_end] is the answer part
 
     @property
     def truncated(self) -> bool:
@@ -93,6 +94,7 @@ class Objective:
     loss_agg: ClassVar[str] = "token_mean"      # the official choice of the method
     advantage_estimator: ClassVar[str] = "grpo"
     advantage_eps: ClassVar[float] = 1e-6
+    prompt_template: ClassVar[str] = ""         # the method's prompt when the config sets none ("" = the task's)
 
     def __init__(self, cfg: "TrainConfig", tokenizer):
         self.cfg = cfg
@@ -112,6 +114,11 @@ class Objective:
         """Called once after the policy is sharded (or not) across processes."""
 
     # -- per step ------------------------------------------------------------------------
+    def continue_rollout(self, samples: list[Sample], engine, ctx: StepContext) -> list[Sample]:
+        """More sampling after the rollout, with the same engine (PCL's self-evaluation
+        after the answer); the samples to score and train on. Default: none."""
+        return samples
+
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor | None:
         """Rewards [S] (float64) computed before the gradient forward, or None when they
         come from the gradient forward itself (VeriFree)."""

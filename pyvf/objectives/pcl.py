@@ -1,8 +1,19 @@
 """Post-completion learning (PCL, arXiv 2507.20252, xfey/Post-Completion-Learning;
 docs/algorithms.md): after its answer the model writes a self-evaluation and a
-predicted reward, trained toward the true rewards. This file holds its reward
-formulas, checked against the official code; the objective itself (training
-sequences past the answer, the SFT terms) is not wired into the trainer yet.
+predicted reward, `<evaluation>...</evaluation> <reward>[accuracy, format]</reward>`,
+trained toward the true rewards. Serving stops at `</answer>`, so the evaluation costs
+nothing there.
+
+Training: the rollout stops at the answer as usual, then `continue_rollout` samples on
+from every completion that ended there, with EOS not allowed as the first token (the
+model must evaluate; it ends at EOS or the evaluation budget). Rewards (weights 1/1/1,
+as the official recipes): accuracy (the rule checker, or the VeriFree probability with
+`pcl_accuracy: verifree`), the full answer-evaluation-reward format, and the
+consistency of the predicted rewards with the true ones on the answer part. Loss:
+GRPO (eps 1e-4, token mean) on every sampled token, plus `pcl_sft_answer` x accuracy
+on the reasoning and answer tokens (SFT on correct samples), plus `pcl_sft_evaluation`
+on an evaluation text written from the true rewards (its own teacher-forced sequence
+after the sampled answer).
 """
 
 from __future__ import annotations
@@ -14,6 +25,10 @@ import re
 from collections.abc import Sequence
 
 import torch
+
+from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE
+from pyvf.objectives.base import MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric
+from pyvf.packing import ROLE_POST, Sequence
 
 
 _REWARD_BLOCK = re.compile(r"<reward>.*?</reward>", re.DOTALL)
@@ -78,3 +93,148 @@ def pcl_consistency_rewards(ground_truth: Sequence[Sequence[float]], completions
                          f"and {len(completions)}")
     return torch.tensor([pcl_consistency(g, parse_pcl_reward(c)) for g, c in zip(ground_truth, completions)],
                         dtype=torch.float64)
+
+
+_ANSWER_PART = re.compile(r"(?:(?!<answer>).)*<answer>\s*\\boxed\{[^<]+\}\s*</answer>\s*", re.DOTALL)
+_EVALUATION_PART = re.compile(r"\s*<evaluation>.*?</evaluation>\s*<reward>.*?</reward>\s*", re.DOTALL)
+
+
+def pcl_answer_format(text: str) -> float:
+    """1.0 when the reasoning-and-answer part is well formed: reasoning, then one
+    `<answer> \\boxed{...} </answer>` ending it; else 0. The official `format_reward`
+    checks `<think>...</think><answer>...</answer>`; pyvf's tasks write the reasoning
+    without think tags, so the check is on the answer block."""
+    return 1.0 if _ANSWER_PART.fullmatch(text) else 0.0
+
+
+def pcl_full_format(answer_part: str, evaluation_part: str) -> float:
+    """1.0 when the answer part is well formed and the rest is exactly
+    `<evaluation>...</evaluation> <reward>...</reward>` (official `format_reward_all`)."""
+    return 1.0 if pcl_answer_format(answer_part) and _EVALUATION_PART.fullmatch(evaluation_part) else 0.0
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.2f}"
+
+
+def pcl_evaluation_text(accuracy: float, answer_format: float) -> str:
+    """The evaluation the model is taught to write after its answer, from the true
+    rewards: a verdict and the reward block. The official code learns a teacher model's
+    written evaluations; pyvf writes it from the rewards, so it needs no teacher."""
+    verdict = "right" if accuracy >= 0.5 else "wrong"
+    return (f" <evaluation> The answer is {verdict}. </evaluation>"
+            f" <reward> [{_number(accuracy)}, {_number(answer_format)}] </reward>")
+
+
+class PCL(Objective):
+    name = "pcl"
+    loss_agg = "token_mean"        # TRL 0.18's bnpo, the official loss
+    advantage_eps = 1e-4           # the official (r - mean) / (std + 1e-4)
+    prompt_template = PCL_PROMPT_TEMPLATE
+
+    def continue_rollout(self, samples: list[Sample], engine, ctx: StepContext) -> list[Sample]:
+        """Samples on after every completion that a stop string ended (the answer), EOS
+        forbidden as the first token, up to EOS or pcl_evaluation_tokens."""
+        from pyvf.train.rollout import continuation_seed
+
+        cfg = self.cfg
+        todo = [i for i, s in enumerate(samples) if s.finish == "stop"]
+        room = [cfg.max_seq_len - len(samples[i].prompt_ids) - len(samples[i].ids) for i in todo]
+        todo = [i for i, r in zip(todo, room) if r > 0]
+        out = list(samples)
+        if not todo:
+            return out
+        outputs = engine.generate([samples[i].prompt_ids + samples[i].ids for i in todo], 1,
+                                  max_new_tokens=cfg.pcl_evaluation_tokens, temperature=cfg.temperature,
+                                  seeds=[continuation_seed(cfg.seed, ctx.step, samples[i].group, i) for i in todo],
+                                  stop=(), min_new_tokens=1)
+        for i, (c,) in zip(todo, outputs):
+            s = samples[i]
+            logprobs = None if s.rollout_logprobs is None or c.logprobs is None else s.rollout_logprobs + c.logprobs
+            out[i] = Sample(s.example_index, s.example, s.prompt_ids, s.ids + c.ids, c.finish, logprobs, s.group,
+                            answer_end=len(s.ids))
+        return out
+
+    def _parts(self, s: Sample) -> tuple[list[int], list[int]]:
+        end = s.answer_end if s.answer_end is not None else len(s.ids)
+        return s.ids[:end], s.ids[end:]
+
+    def accuracy(self, samples: list[Sample], answer_ids: list[list[int]], ctx: StepContext) -> torch.Tensor:
+        """The accuracy reward of each answer part: the rule checker, or VeriFree's
+        pi(y* | x, z) with the reference spliced in after the reasoning."""
+        mode = self.cfg.pcl_accuracy
+        if mode == "verifree":
+            from pyvf.objectives.verifree import verifree_scores
+
+            return verifree_scores(ctx.policy, self.tokenizer, [s.prompt_ids for s in samples], answer_ids,
+                                   [s.example for s in samples], ctx, cfg=self.cfg)
+        from pyvf.objectives.verifier import verifier_rewards
+
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
+        return verifier_rewards(texts, [list(s.example.answers) for s in samples])
+
+    def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
+        tok = self.tokenizer
+        parts = [self._parts(s) for s in samples]
+        answer_texts = [tok.decode(a, skip_special_tokens=True) for a, _ in parts]
+        post_texts = [tok.decode(p, skip_special_tokens=True) for _, p in parts]
+        accuracy = self.accuracy(samples, [a for a, _ in parts], ctx).double()
+        answer_format = torch.tensor([pcl_answer_format(t) for t in answer_texts], dtype=torch.float64)
+        full_format = torch.tensor([pcl_full_format(a, p) if s.answer_end is not None else 0.0
+                                    for a, p, s in zip(answer_texts, post_texts, samples)], dtype=torch.float64)
+        predicted = [parse_pcl_reward(p) for p in post_texts]
+        consistency = torch.tensor([pcl_consistency([a, f], pred) for a, f, pred in
+                                    zip(accuracy.tolist(), answer_format.tolist(), predicted)], dtype=torch.float64)
+        self._truth = list(zip(accuracy.tolist(), answer_format.tolist()))
+        n, m = len(samples), ctx.metrics
+        add_metric(m, "pcl_accuracy", float(accuracy.sum()), n)
+        add_metric(m, "pcl_format", float(full_format.sum()), n)
+        add_metric(m, "pcl_consistency", float(consistency.sum()), n)
+        add_metric(m, "pcl_parsed_frac", float(sum(p is not None for p in predicted)), n)
+        add_metric(m, "pcl_predicted_accuracy", sum(p[0] for p in predicted if p), sum(1 for p in predicted if p))
+        return accuracy + full_format + consistency
+
+    def sequences(self, samples: list[Sample]) -> TrainSequences:
+        """Per sample: the completion as sampled (policy gradient on every token, SFT on
+        the answer part weighted by its accuracy), and, when it reached an answer, the
+        answer part as context followed by the evaluation written from its true rewards
+        and EOS (SFT on those tokens)."""
+        cfg, eos = self.cfg, self.tokenizer.eos_token_id
+        seqs, owner, prefix = [], [], []
+        self._answer_rows, self._kind = [], []
+        for i, s in enumerate(samples):
+            room = max(0, cfg.max_seq_len - len(s.prompt_ids))
+            ids = s.ids[:room]
+            answer, _ = self._parts(s)
+            seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
+            owner.append(i), prefix.append(len(ids))
+            self._answer_rows.append(min(len(answer), len(ids)))
+            self._kind.append("sampled")
+            if s.answer_end is None:
+                continue
+            evaluation = self.tokenizer(pcl_evaluation_text(*self._truth[i]), add_special_tokens=False)["input_ids"]
+            context = s.prompt_ids + answer
+            if len(context) + len(evaluation) + 1 > cfg.max_seq_len:
+                continue
+            seqs.append(Sequence(context, [], [], group=s.group, post_ids=evaluation + [eos]))
+            owner.append(i), prefix.append(0)
+            self._answer_rows.append(0)
+            self._kind.append("evaluation")
+        return TrainSequences(seqs, owner, prefix)
+
+    def coefficients(self, mb: MicroBatch, looked, ctx: StepContext):
+        """-A on every sampled row, - w_answer * accuracy on the answer part's rows,
+        - w_evaluation on the taught evaluation's rows."""
+        c = -self.completion_advantages(mb, ctx).cpu()
+        roles = mb.batch.roles
+        starts = mb.batch.cu_seqlens.tolist()
+        w_answer, w_eval = self.cfg.pcl_sft_answer, self.cfg.pcl_sft_evaluation
+        for b, (j, seq) in enumerate(zip(mb.index, mb.sequences)):
+            first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first non-prompt token
+            if self._kind[j] == "sampled":
+                acc = self._truth[int(mb.owner[b])][0]
+                c[first:first + self._answer_rows[j]] -= w_answer * acc
+            else:
+                rows = slice(first, first + len(seq.post_ids))
+                c[rows] = torch.where(roles[rows] == ROLE_POST, c[rows] - w_eval, c[rows])
+        return c.to(mb.device), None

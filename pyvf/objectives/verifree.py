@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyvf.objectives.base import MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric
+from pyvf.objectives.base import MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric, score_rows
 from pyvf.ops import grouped_advantages, segment_sum
 from pyvf.packing import ROLE_ANSWER, ROLE_REASONING, Sequence
 from pyvf.splice import splice_reference
@@ -37,6 +37,32 @@ def verifree_rewards(answer_sum: torch.Tensor, has_answer: torch.Tensor, index: 
         0, index, weights.to(answer_sum.dtype) * seq_reward)
     advantages = grouped_advantages(rewards.float(), comp_groups, estimator="rloo").to(answer_sum.dtype)
     return seq_reward, rewards, advantages
+
+
+@torch.no_grad()
+def verifree_scores(policy, tokenizer, prompt_ids: list[list[int]], completions: list[list[int]], examples,
+                    ctx: StepContext, *, cfg) -> torch.Tensor:
+    """sum_k w_k pi(y*_k | x, z) of each completion z (token ids, sampled after
+    prompt_ids) without gradients: the reasoning through the marker, each reference of
+    the example spliced after it (`examples[i].answers` / `.weights`), scored by the
+    policy. 0 without the marker or over cfg.max_seq_len. Collective under torchrun:
+    every rank calls it at the same point."""
+    if not len(prompt_ids) == len(completions) == len(examples):
+        raise ValueError(f"prompt_ids, completions and examples must have the same length, got {len(prompt_ids)}, "
+                         f"{len(completions)} and {len(examples)}")
+    seqs, owner, weights = [], [], []
+    for i, (prompt, ids, ex) in enumerate(zip(prompt_ids, completions, examples)):
+        spliced = splice_reference(tokenizer, list(ids), list(ex.answers), marker=cfg.marker,
+                                   answer_template=cfg.answer_template)
+        for sp, w in zip(spliced, ex.weights):
+            if sp.found and len(prompt) + len(sp.reasoning_ids) + len(sp.answer_ids) <= cfg.max_seq_len:
+                seqs.append(Sequence(list(prompt), sp.reasoning_ids, sp.answer_ids, group=0))
+                owner.append(i)
+                weights.append(w)
+    out = torch.zeros(len(completions), dtype=torch.float64)
+    for seq, i, w, logprobs in zip(seqs, owner, weights, score_rows(policy, seqs, ctx, cfg.micro_batch_tokens)):
+        out[i] += w * float(torch.exp(logprobs[-len(seq.answer_ids):].sum()))
+    return out
 
 
 @dataclass

@@ -20,7 +20,7 @@ class TrainConfig:
     # what to train (changing one of these on --resume makes it another run: IDENTITY)
     model: str = "builtin"               # "builtin" (the shipped tiny model) or a Hugging Face model directory
     data: str = "synthetic"              # "synthetic" or a JSONL file with question/answer rows
-    objective: str = "verifree"          # verifree, rlpr, nover, verifier, or module:Class (see pyvf.objectives)
+    objective: str = "verifree"          # verifree, rlpr, nover, verifier, pcl, rzero, or module:Class (pyvf.objectives)
     output_dir: str = "runs/pyvf"
     seed: int = 0
 
@@ -55,6 +55,12 @@ class TrainConfig:
     filter_rounds: int = 4               # rlpr: extra sampling rounds at most to refill filtered groups
     proxy_sync_every: int = 100          # nover: proxy <- alpha proxy + (1 - alpha) policy every N steps
     proxy_alpha: float = 0.9
+    pcl_accuracy: str = "verifier"       # pcl: accuracy target, verifier (rule checker) or verifree (pi(y*|x,z))
+    pcl_sft_answer: float = 0.1          # pcl: SFT weight on the reasoning and answer of correct samples
+    pcl_sft_evaluation: float = 0.1      # pcl: SFT weight on the evaluation written from the true rewards
+    pcl_evaluation_tokens: int = 48      # pcl: most tokens sampled after the answer (evaluation and reward)
+    solver_model: str = ""               # rzero: the frozen solver that answers the challenger's questions ("" = model)
+    solver_samples: int = 10             # rzero: answers per question for the majority vote (m)
 
     # optimization (official VeriFree: lr 1e-6, betas (0.9, 0.95), clip 1.0)
     lr: float = 1e-6
@@ -91,7 +97,7 @@ class TrainConfig:
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 for group advantages, got {self.group_size}")
         for name in ("max_steps", "prompts_per_step", "max_new_tokens", "max_seq_len", "micro_batch_tokens",
-                     "n_synthetic", "proxy_sync_every"):
+                     "n_synthetic", "proxy_sync_every", "pcl_evaluation_tokens", "solver_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.filter_rounds < 0:
@@ -100,7 +106,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("clip_low", "clip_high", "entropy_coeff", "kl_beta"):
+        for name in ("clip_low", "clip_high", "entropy_coeff", "kl_beta", "pcl_sft_answer", "pcl_sft_evaluation"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and value < float("inf")):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -115,7 +121,8 @@ class TrainConfig:
         if self.loss_agg is not None and self.loss_agg not in LOSS_AGGREGATIONS:
             raise ConfigError(f"loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
         choices = {"dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"), "rollout": ("hf", "vllm"),
-                   "lm_head_pass": ("fused", "autograd"), "chat_template": ("auto", "none")}
+                   "lm_head_pass": ("fused", "autograd"), "chat_template": ("auto", "none"),
+                   "pcl_accuracy": ("verifier", "verifree")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

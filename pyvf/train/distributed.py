@@ -73,6 +73,15 @@ def all_sum_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out.cpu()
 
 
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects; [obj] in one process)."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_max(value: float, device: torch.device) -> float:
     if not _active():
         return value

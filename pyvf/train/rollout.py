@@ -32,9 +32,10 @@ class RolloutEngine(Protocol):
     name: str  # "hf" or "vllm"
 
     def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
-                 seeds: list[int], stop: list[str]) -> list[list[Completion]]:
+                 seeds: list[int], stop: list[str], min_new_tokens: int = 0) -> list[list[Completion]]:
         """n completions per prompt; what prompt i samples depends only on (prompts[i],
-        seeds[i]) and the weights, never on the batch, its order or the rank."""
+        seeds[i]) and the weights, never on the batch, its order or the rank. EOS is not
+        sampled before `min_new_tokens` tokens."""
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full (unsharded) weights after an optimizer step, names as in model.state_dict()."""
@@ -54,7 +55,14 @@ def prompt_seed(seed: int, step: int, prompt_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop) -> None:
+def continuation_seed(seed: int, step: int, group: int, sample: int) -> int:
+    """A seed per (run, step, group, sample) for sampling on after a completion (PCL's
+    self-evaluation), independent of the rank and the batch as `prompt_seed`."""
+    digest = hashlib.sha256(f"{seed}:{step}:{group}:{sample}:continue".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens=0) -> None:
     if not isinstance(prompts, (list, tuple)) or any(not isinstance(p, (list, tuple)) or not p for p in prompts):
         raise ValueError("prompts must be a list of non-empty lists of token ids")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -67,6 +75,9 @@ def validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop)
         raise ValueError(f"seeds must have one seed per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
     if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
+            or not 0 <= min_new_tokens <= max_new_tokens):
+        raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
 
 
 # Counter-based randomness: the Gumbel noise of row r at decoding step t and vocabulary
@@ -164,12 +175,14 @@ def _all_done(done: bool, synced: bool, device) -> bool:
 @torch.no_grad()
 def decode_batch(model, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
                  keys: list[int] | None, stop_token_ids: list[int], stop_checker: StopChecker,
-                 pad_id: int = 0, synced: bool = False) -> list[tuple[list[int], str, list[float]]]:
+                 pad_id: int = 0, synced: bool = False, min_new_tokens: int = 0
+                 ) -> list[tuple[list[int], str, list[float]]]:
     """The decoding loop shared by sampling and greedy decoding: the prompts left-padded
     into one batch and prefilled once, their KV cache repeated n times, then one token per
     step for every unfinished row (finished rows leave the batch). Row i * n + j is sample
     j of prompt i; it draws with Gumbel noise from keys[i * n + j] (greedy when keys is
-    None). Returns (ids, finish, logprobs) per row."""
+    None). EOS ids are masked out for the first `min_new_tokens` steps. Returns (ids,
+    finish, logprobs) per row."""
     from transformers import DynamicCache
 
     device = model.get_output_embeddings().weight.device
@@ -203,7 +216,10 @@ def decode_batch(model, prompts: list[list[int]], n: int, *, max_new_tokens: int
         active = list(range(rows))  # the output row of each batch row
         for step in range(max_new_tokens):
             scores = logits.float() / temperature if keys is not None else logits.float()
+            # Log-probs of the model's own distribution (the trainer's), also where EOS is masked.
             logprobs = torch.log_softmax(scores, dim=-1)
+            if step < min_new_tokens:
+                scores = scores.index_fill(1, stop_ids, float("-inf"))
             if keys is not None:
                 tokens = sample_tokens(scores, key_t, step)
             else:
@@ -261,13 +277,14 @@ class HFGenerate:
         self.pad_id = pad if pad is not None else self.stop_token_ids[0]
         self.synced = synced  # keep ranks stepping together while the model is sharded
 
-    def generate(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=()):
-        validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop)
+    def generate(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=(), min_new_tokens=0):
+        validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens)
         stop = list(stop)
         keys = [row_key(int(seed), j) for seed in seeds for j in range(n)]
         rows = decode_batch(self.model, [list(p) for p in prompts], n, max_new_tokens=max_new_tokens,
                             temperature=temperature, keys=keys, stop_token_ids=self.stop_token_ids,
-                            stop_checker=StopChecker(self.tokenizer, stop), pad_id=self.pad_id, synced=self.synced)
+                            stop_checker=StopChecker(self.tokenizer, stop), pad_id=self.pad_id, synced=self.synced,
+                            min_new_tokens=min_new_tokens)
         completions = [Completion(ids, finish, lp) for ids, finish, lp in rows]
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 

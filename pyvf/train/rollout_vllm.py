@@ -185,15 +185,15 @@ class VLLMEngine:
         waves.append(range(start, len(prompts)))
         return waves
 
-    def generate(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=()):
+    def generate(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=(), min_new_tokens=0):
         from vllm import SamplingParams
 
-        validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop)
+        validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens)
         stop = list(stop)
         if self._asleep:
             self.wake()
         params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
-                                 seed=int(seed) & _SEED_MASK, logprobs=0, stop=stop or None,
+                                 min_tokens=min_new_tokens, seed=int(seed) & _SEED_MASK, logprobs=0, stop=stop or None,
                                  stop_token_ids=self.stop_token_ids, include_stop_str_in_output=True,
                                  skip_special_tokens=True, detokenize=bool(stop))  # text only to find stop strings
                   for seed in seeds]

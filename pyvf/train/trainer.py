@@ -59,12 +59,17 @@ class DataOrder:
 
 class Prompts:
     """Prompt token ids per example, rendered once (chat template when the tokenizer has
-    one and chat_template is auto)."""
+    one and chat_template is auto), with the config's prompt template, else the
+    objective's (`default_template`; one without {question} is the same prompt for
+    every example), else the task's."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, examples):
+    def __init__(self, cfg: TrainConfig, tokenizer, examples, *, default_template: str = ""):
         from pyvf.chat import render_prompt_ids
 
-        self._render = lambda q: render_prompt_ids(tokenizer, q, template=cfg.prompt_template,
+        template = cfg.prompt_template or default_template
+        fixed = template and "{question}" not in template  # one prompt for every example (R-Zero's challenger)
+        self._render = lambda q: render_prompt_ids(tokenizer, template if fixed else q,
+                                                   template="{question}" if fixed else template,
                                                    chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
                                                    assistant_prefix=cfg.assistant_prefix)
         self.examples = examples
@@ -122,6 +127,7 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
             if sharded_policy is not None:
                 sharded_policy.unshard()  # generation bypasses the root module's hooks
             samples = rollout(cfg, engine, prompts, indices[rank * per_rank:(rank + 1) * per_rank], first, ctx.step)
+            samples = objective.continue_rollout(samples, engine, ctx)
             if sharded_policy is not None:
                 sharded_policy.reshard()
         with timer("scoring"):
@@ -199,9 +205,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
     stop_ids = stop_token_ids(model, tokenizer)
     model.to(device)
     examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
-    prompts = Prompts(cfg, tokenizer, examples)
-    _check_length_limit(cfg, tokenizer, prompts)
     objective = get_objective(cfg.objective)(cfg, tokenizer)
+    prompts = Prompts(cfg, tokenizer, examples, default_template=objective.prompt_template)
+    _check_length_limit(cfg, tokenizer, prompts)
     loss_agg = cfg.loss_agg or objective.loss_agg
     state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
     optimizer_state = None

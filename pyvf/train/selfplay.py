@@ -1,0 +1,207 @@
+"""R-Zero self-play (`pyvf selfplay`; pyvf/objectives/rzero.py has the formulas): one
+base model as challenger and solver, no labels. Each iteration:
+
+    challenger phase: GRPO on the challenger's reward, the previous solver frozen
+                      (a `pyvf train --objective rzero` run)
+    questions:        the new challenger writes questions, the previous solver answers
+                      each m times; questions with 0.3 <= p_hat <= 0.8 keep the majority
+                      answer as their label (questions.jsonl)
+    solver phase:     the previous solver trains on them (`--objective verifier`, or
+                      `verifree`: VeriFree on the pseudo-labels)
+
+Challenger_i starts from challenger_{i-1}, solver_i from solver_{i-1}, both from the
+base model at i = 1 (as the official scripts/main.sh). Every phase writes into its own
+directory under the output directory and selfplay.json records which are done, so an
+interrupted run continues where it stopped (`--resume`): a training phase from its
+last checkpoint, the question set from scratch (it is a pure function of the seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pyvf.train.config import ConfigError
+
+log = logging.getLogger("pyvf")
+
+STATE_FILE = "selfplay.json"
+
+
+@dataclass
+class SelfPlayConfig:
+    model: str = "builtin"               # the base model: both roles start from it
+    output_dir: str = "runs/selfplay"
+    iterations: int = 2
+    seed: int = 0
+    challenger_steps: int = 5            # official: the challenger's step-5 checkpoint is used
+    solver_steps: int = 15               # official: the solver's step-15 checkpoint is used
+    questions: int = 64                  # questions the challenger writes per iteration (official 8000)
+    solver_samples: int = 10             # m: solver answers per question, for the reward and the labels
+    band_low: float = 0.3
+    band_high: float = 0.8
+    solver_objective: str = "verifier"   # verifier (rule check against the pseudo-label) or verifree
+    challenger_group_size: int = 4       # official n = 4
+    solver_group_size: int = 5           # official n = 5
+    prompts_per_step: int = 4
+    lr: float = 3e-5
+    max_new_tokens: int = 48
+    max_seq_len: int = 256
+    eval_questions: int = 200            # held-out synthetic questions to evaluate each solver on (0: none)
+    progress: bool = True
+
+    def validate(self) -> "SelfPlayConfig":
+        for name in ("iterations", "challenger_steps", "solver_steps", "questions", "solver_samples",
+                     "prompts_per_step", "max_new_tokens", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("challenger_group_size", "solver_group_size"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"{name} must be >= 2 for group advantages, got {getattr(self, name)}")
+        if not 0 <= self.band_low <= self.band_high <= 1:
+            raise ConfigError(f"band_low and band_high must satisfy 0 <= band_low <= band_high <= 1, got "
+                              f"{self.band_low} and {self.band_high}")
+        if self.solver_objective not in ("verifier", "verifree"):
+            raise ConfigError(f"solver_objective must be verifier or verifree, got {self.solver_objective!r}")
+        if self.eval_questions < 0:
+            raise ConfigError(f"eval_questions must be >= 0, got {self.eval_questions}")
+        return self
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def _train_phase(cfg: SelfPlayConfig, out: Path, **keys) -> str:
+    """Runs (or continues) one training phase in `out`; returns its final checkpoint."""
+    from pyvf.train import checkpoint
+    from pyvf.train import config as config_mod
+    from pyvf.train.trainer import train
+
+    values = dict(seed=cfg.seed, prompts_per_step=cfg.prompts_per_step, lr=cfg.lr, max_new_tokens=cfg.max_new_tokens,
+                  max_seq_len=cfg.max_seq_len, micro_batch_tokens=16384, progress=cfg.progress, plot=False,
+                  output_dir=str(out), **keys)
+    train_cfg = config_mod.from_dict(values)
+    try:
+        resume = str(checkpoint.resolve(out))
+    except ValueError:
+        resume = None
+    if resume and json.loads((Path(resume) / "trainer_state.json").read_text())["step"] >= train_cfg.max_steps:
+        return resume  # finished before the interruption
+    train(train_cfg, resume=resume)
+    return str(checkpoint.resolve(out))
+
+
+@torch.no_grad()
+def write_questions(cfg: SelfPlayConfig, challenger: str, solver: str, path: Path, iteration: int) -> dict:
+    """The challenger writes cfg.questions questions, the solver answers each m times;
+    those in the band are written with their majority answer as `answer`. Returns counts."""
+    from pyvf.chat import render_prompt_ids, stop_token_ids
+    from pyvf.objectives.rzero import QUESTION_PROMPT, Solver, extract_question, in_band
+    from pyvf.train import config as config_mod
+    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.train.rollout import HFGenerate, prompt_seed
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(challenger)
+    model.to(device)
+    engine = HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
+    prompt = render_prompt_ids(tokenizer, QUESTION_PROMPT, template="{question}")
+    seeds = [prompt_seed(cfg.seed, -iteration, k) for k in range(cfg.questions)]
+    written = engine.generate([prompt] * cfg.questions, 1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                              seeds=seeds)
+    questions = [extract_question(tokenizer.decode(c.ids, skip_special_tokens=True)) for (c,) in written]
+    del model, engine
+    valid = [q for q in questions if q is not None]
+    unique = list(dict.fromkeys(valid))
+    solver_cfg = config_mod.from_dict(dict(max_new_tokens=cfg.max_new_tokens))
+    votes = Solver.load(solver, solver_cfg, device).vote(
+        unique, [prompt_seed(cfg.seed, -iteration, 10**6 + k) for k in range(len(unique))], cfg.solver_samples)
+    rows = [{"question": q, "answer": label, "p_hat": p} for q, (label, p) in zip(unique, votes)
+            if in_band(p, label, (cfg.band_low, cfg.band_high))]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return {"written": cfg.questions, "valid": len(valid), "unique": len(unique), "in_band": len(rows)}
+
+
+def selfplay(cfg: SelfPlayConfig) -> dict:
+    """Runs the iterations (continuing a run found in cfg.output_dir); returns the state."""
+    from pyvf.data import dataset
+    from pyvf.train.evaluate import evaluate
+    from pyvf.train.model import load_model_and_tokenizer
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    state = {"config": dataclasses.asdict(cfg), "challenger": cfg.model, "solver": cfg.model, "iteration": 0,
+             "phase": None, "history": []}
+    if state_path.is_file():
+        saved = json.loads(state_path.read_text())
+        changed = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items()
+                   if k not in ("iterations", "progress", "eval_questions") and getattr(cfg, k, v) != v}
+        if changed:
+            raise ConfigError(f"{out} holds a self-play run with other settings: "
+                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        state = {**saved, "config": dataclasses.asdict(cfg)}
+        log.info("selfplay: continuing %s after iteration %d (phase %s done)", out, state["iteration"], state["phase"])
+    held_out = dataset.load("synthetic", n_synthetic=cfg.eval_questions, split="eval") if cfg.eval_questions else None
+    if held_out is not None and not state["history"]:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        state["history"].append({"iteration": 0, "solver_accuracy": evaluate(model, tokenizer, held_out)["accuracy"]})
+        _write_json(state_path, state)
+        log.info("selfplay: base model held-out accuracy %.1f%%", 100 * state["history"][-1]["solver_accuracy"])
+
+    def done(phase: str, **update) -> None:
+        state.update(phase=phase, **update)
+        _write_json(state_path, state)
+
+    while state["iteration"] < cfg.iterations or state["phase"] not in ("solver", None):
+        if state["phase"] in ("solver", None):
+            state["iteration"] += 1
+            state["phase"] = "start"
+        i = state["iteration"]
+        here = out / f"iter{i}"
+        here.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        if state["phase"] == "start":
+            log.info("selfplay: iteration %d/%d, challenger phase (%d steps)", i, cfg.iterations, cfg.challenger_steps)
+            challenger = _train_phase(cfg, here / "challenger", objective="rzero", model=state["challenger"],
+                                      solver_model=state["solver"], solver_samples=cfg.solver_samples,
+                                      group_size=cfg.challenger_group_size, max_steps=cfg.challenger_steps)
+            done("challenger", challenger_next=challenger)
+        if state["phase"] == "challenger":
+            counts = write_questions(cfg, state["challenger_next"], state["solver"], here / "questions.jsonl", i)
+            log.info("selfplay: iteration %d: %d questions written, %d well formed, %d distinct, %d in the band",
+                     i, counts["written"], counts["valid"], counts["unique"], counts["in_band"])
+            done("questions", questions=counts)
+        if state["phase"] == "questions":
+            solver = state["solver"]
+            if state["questions"]["in_band"]:
+                log.info("selfplay: iteration %d, solver phase (%d steps on %d questions)", i, cfg.solver_steps,
+                         state["questions"]["in_band"])
+                solver = _train_phase(cfg, here / "solver", objective=cfg.solver_objective, model=state["solver"],
+                                      data=str(here / "questions.jsonl"), group_size=cfg.solver_group_size,
+                                      max_steps=cfg.solver_steps)
+            else:
+                log.warning("selfplay: iteration %d: no question in the band, the solver stays as it was", i)
+            record = {"iteration": i, "questions": state["questions"], "seconds": time.perf_counter() - t0}
+            if held_out is not None:
+                model, tokenizer = load_model_and_tokenizer(solver)
+                record["solver_accuracy"] = evaluate(model, tokenizer, held_out)["accuracy"]
+                log.info("selfplay: iteration %d: solver held-out accuracy %.1f%%", i, 100 * record["solver_accuracy"])
+            state["history"].append(record)
+            done("solver", challenger=state["challenger_next"], solver=solver)
+    return state

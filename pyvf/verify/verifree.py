@@ -1,0 +1,127 @@
+"""`verifree`: the VeriFree reward as a verifier, pi(y* | x, z) (docs/DESIGN.md 1.1, 1.2).
+
+Each completion is cut at the first answer marker and each reference, rendered with the
+answer template, is appended (`pyvf.splice.splice_reference`, the defaults of
+`pyvf.train.config.TrainConfig`); one no-grad forward of the model scores the appended
+answer tokens (`pyvf.objectives.base.score_rows`, packed). The score is
+sum_k w_k exp(sum of the answer's log-probs), weights uniform over the references.
+A completion without the marker scores 0, and a reference whose spliced sequence is
+longer than `max_seq_len` adds 0 (counted as `no_marker` / `too_long`), as in training.
+The scoring model is the policy (`policy=`, a `pyvf.train.policy.Policy`) or any causal
+LM given as `model=` with its tokenizer (a frozen copy, a larger model).
+
+Prompts and completions are tokenized as they are, without special tokens (a prompt
+rendered with a chat template holds its own); `prompt_special_tokens=True` puts the
+tokenizer's leading special tokens (a base model's BOS) in front of each prompt. A
+completion cut at the length limit cannot be told from its text: leave it out, or
+score it 0 yourself, as the VeriFree objective does.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pyvf.splice import splice_reference
+from pyvf.verify.base import BaseVerifier, check_batch
+
+
+def _train_defaults() -> tuple[str, str]:
+    from pyvf.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    return cfg.marker, cfg.answer_template
+
+
+class VerifreeVerifier(BaseVerifier):
+    """stats: `scored`, `no_marker` (completions), `too_long` (spliced references)."""
+
+    name = "verifree"
+
+    def __init__(self, model=None, tokenizer=None, *, policy=None, marker: str | None = None,
+                 answer_template: str | None = None, temperature: float = 1.0, max_seq_len: int | None = None,
+                 token_budget: int = 8192, prompt_special_tokens: bool = False):
+        super().__init__()
+        from pyvf.train.policy import Policy
+
+        if isinstance(model, Policy):
+            model, policy = None, model
+        if (model is None) == (policy is None):
+            raise ValueError("model: the verifree verifier scores with one model; give model= (a causal LM) or policy= "
+                             "(a pyvf.train.policy.Policy), not both or neither")
+        if tokenizer is None:
+            raise ValueError("tokenizer: the verifree verifier needs the scoring model's tokenizer")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+            raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+        self.policy = policy if policy is not None else Policy(model)
+        self.tokenizer = tokenizer
+        default_marker, default_template = _train_defaults()
+        self.marker = default_marker if marker is None else marker
+        self.answer_template = default_template if answer_template is None else answer_template
+        if not isinstance(self.marker, str) or not self.marker:
+            raise ValueError(f"marker must be a non-empty string, got {self.marker!r}")
+        if not isinstance(self.answer_template, str) or self.answer_template.count("{ref}") != 1:
+            raise ValueError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
+        if max_seq_len is None:
+            max_seq_len = getattr(getattr(self.policy.model, "config", None), "max_position_embeddings", None)
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                        or max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an int >= 2 or None, got {max_seq_len!r}")
+        self.max_seq_len = max_seq_len
+        self.temperature = float(temperature)
+        self.token_budget = token_budget
+        self.prompt_special_tokens = prompt_special_tokens
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if self.prompt_special_tokens:
+            from pyvf.chat import _encode_with_leading_specials
+
+            return _encode_with_leading_specials(self.tokenizer, prompt)
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, prompts, completions, references=None) -> list[float]:
+        import torch
+
+        from pyvf.objectives.base import StepContext, score_rows
+        from pyvf.packing import Sequence
+
+        prompts, completions, references = check_batch(prompts, completions, references, need_references=True,
+                                                       who=self.name)
+        sequences, owner = [], []
+        prompt_cache: dict[str, list[int]] = {}
+        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, references)):
+            if prompt not in prompt_cache:
+                prompt_cache[prompt] = self._prompt_ids(prompt)
+            prompt_ids = prompt_cache[prompt]
+            if not prompt_ids:
+                raise ValueError(f"prompts[{i}] is empty: the answer is scored after a prompt")
+            refs = [r for r in refs if r.strip()]
+            completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+            spliced = splice_reference(self.tokenizer, completion_ids, refs, marker=self.marker,
+                                       answer_template=self.answer_template)
+            if not spliced[0].found:
+                self.count("no_marker")
+                continue
+            for sp in spliced:
+                seq = Sequence(prompt_ids, sp.reasoning_ids, sp.answer_ids, group=i)
+                if self.max_seq_len is not None and len(seq) > self.max_seq_len:
+                    self.count("too_long")  # this reference adds 0, as in training
+                    continue
+                sequences.append(seq)
+                owner.append((i, 1.0 / len(spliced)))
+
+        scores = [0.0] * len(completions)
+        if sequences:
+            weight = self.policy.model.get_output_embeddings().weight
+            ctx = StepContext(step=0, policy=self.policy, temperature=self.temperature, device=weight.device)
+            with torch.no_grad():
+                logprobs = score_rows(self.policy, sequences, ctx, self.token_budget)
+            for seq, lp, (i, w) in zip(sequences, logprobs, owner):
+                answer = lp[len(lp) - len(seq.answer_ids):]
+                scores[i] += w * math.exp(float(answer.sum()))
+        self.count("scored", len(completions))
+        return scores
+
+
+__all__ = ["VerifreeVerifier"]
