@@ -1,11 +1,14 @@
 """Compares the objectives on the built-in task with the same budget, from the
 shipped demo model:
 
-    python benchmarks/compare_objectives.py [--steps 40] [--seeds 0,1,2] [--out benchmarks/results]
+    python benchmarks/compare_objectives.py [--steps 40] [--seeds 0,1,2] [--methods ...] [--out benchmarks/results]
 
-Rows: SFT only (the starting model), then verifree, rlpr, nover and verifier, each
-trained --steps steps (8 prompts x 8 samples, lr 3e-5) per seed. Reports held-out
-greedy accuracy (mean and std over seeds) and wall time, and, at the starting
+Rows: SFT only (the starting model), then verifree, rlpr, nover, verifier and pcl,
+each trained --steps steps (8 prompts x 8 samples, lr 3e-5) per seed, and rzero: R-Zero
+self-play with no labels at all (2 iterations of 5 challenger and 15 solver steps, the
+official checkpoints, so also 40 optimizer steps in all; `pyvf selfplay`). Reports
+held-out greedy accuracy (mean and std over seeds; PCL's model is asked with its own
+prompt and stops at </answer>, as when serving) and wall time, and, at the starting
 checkpoint, the variance of the policy-gradient estimate across independent rollout
 batches for verifree versus verifier: the trace of the gradients' covariance,
 relative to the squared norm of their mean (lower is a less noisy estimator).
@@ -35,16 +38,30 @@ from pyvf.train.policy import Policy
 from pyvf.train.rollout import HFGenerate
 from pyvf.train.trainer import DataOrder, Prompts, accumulate_gradients, rollout, train
 
-METHODS = ["verifree", "rlpr", "nover", "verifier"]
+METHODS = ["verifree", "rlpr", "nover", "verifier", "pcl", "rzero"]
 # proxy_sync_every 10: NOVER's official 100 would never sync in a 40-step run.
 BASE = dict(model="builtin", data="synthetic", prompts_per_step=8, group_size=8, max_new_tokens=48, lr=3e-5,
             max_seq_len=256, micro_batch_tokens=16384, progress=False, plot=False, proxy_sync_every=10)
 
 
-def held_out_accuracy(model_path: str, n: int) -> float:
+def held_out_accuracy(model_path: str, n: int, prompt_template: str = "") -> float:
     model, tokenizer = load_model_and_tokenizer(model_path)
-    return evaluate(model, tokenizer, dataset.load("synthetic", n_synthetic=n, split="eval"), max_new_tokens=64)[
-        "accuracy"]
+    return evaluate(model, tokenizer, dataset.load("synthetic", n_synthetic=n, split="eval"), max_new_tokens=64,
+                    prompt_template=prompt_template)["accuracy"]
+
+
+def run(method: str, seed: int, steps: int, out: Path, n_eval: int) -> float:
+    """Trains one method from the shipped model; returns its held-out accuracy."""
+    if method == "rzero":
+        from pyvf.train.selfplay import SelfPlayConfig, selfplay
+
+        state = selfplay(SelfPlayConfig(output_dir=str(out), seed=seed, eval_questions=0, progress=False))
+        return held_out_accuracy(state["solver"], n_eval)
+    cfg = config_mod.from_dict({**BASE, "objective": method, "seed": seed, "max_steps": steps,
+                                "output_dir": str(out)}).validate()
+    train(cfg)
+    template = get_objective(method).prompt_template
+    return held_out_accuracy(str(out / "checkpoints" / f"step-{steps:06d}"), n_eval, template)
 
 
 def gradient_noise(objective: str, batches: int) -> float:
@@ -80,20 +97,21 @@ def main(argv=None) -> int:
     parser.add_argument("--variance-batches", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--workdir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     rows = [{"method": "SFT only", "accuracy": [held_out_accuracy("builtin", args.eval_questions)], "seconds": [0.0]}]
     print(f"compare: SFT only {100 * rows[0]['accuracy'][0]:.1f}%", flush=True)
-    for method in METHODS:
+    for method in methods:
         accs, secs = [], []
         for seed in seeds:
-            out = args.workdir / f"{method}-seed{seed}"
-            cfg = config_mod.from_dict({**BASE, "objective": method, "seed": seed, "max_steps": args.steps,
-                                        "output_dir": str(out)}).validate()
             start = time.time()
-            train(cfg)
+            accs.append(run(method, seed, args.steps, args.workdir / f"{method}-seed{seed}", args.eval_questions))
             secs.append(time.time() - start)
-            accs.append(held_out_accuracy(str(out / "checkpoints" / f"step-{args.steps:06d}"), args.eval_questions))
             print(f"compare: {method} seed {seed}: {100 * accs[-1]:.1f}% in {secs[-1]:.0f} s", flush=True)
         rows.append({"method": method, "accuracy": accs, "seconds": secs})
     noise = {m: gradient_noise(m, args.variance_batches) for m in ("verifree", "verifier")}
@@ -106,7 +124,7 @@ def main(argv=None) -> int:
               "command": "python benchmarks/compare_objectives.py " + " ".join(argv or sys.argv[1:])}
     (args.out / f"objectives-{date}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Objectives on the built-in task ({date}, CPU, {args.steps} steps, seeds {args.seeds})", "",
-             "| method | held-out accuracy (mean ± std) | wall time per run |", "|---|---|---|"]
+             "| method | held-out accuracy (mean ± std) | wall time per run (with its evaluation) |", "|---|---|---|"]
     for r in rows:
         acc = r["accuracy"]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0

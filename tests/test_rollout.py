@@ -169,6 +169,29 @@ def test_bad_arguments_are_value_errors(hf, prompts):
         engine.generate([[]], 1, seeds=[1], **kw)
 
 
+def test_min_new_tokens_forbids_eos_at_first_and_keeps_the_model_logprobs(hf, prompts):
+    """After a finished answer EOS is the likely next token; with min_new_tokens=1 the
+    first token is something else, and its reported log-prob is still the model's own
+    (the trainer's), not that of the masked distribution."""
+    model, tok = hf
+    engine = HFGenerate(model, tok)
+    done = [p + tok(" 3 + 4 = 7. <answer> \\boxed{7} </answer>", add_special_tokens=False)["input_ids"]
+            for p in prompts[:1]]
+    kw = dict(max_new_tokens=3, temperature=1e-3, seeds=[5], stop=[])
+    free, = engine.generate(done, 1, **kw)
+    assert free[0].ids[0] == tok.eos_token_id and free[0].finish == "eos"
+    forced, = engine.generate(done, 1, min_new_tokens=1, **kw)
+    first = forced[0].ids[0]
+    assert first != tok.eos_token_id
+    with torch.no_grad():
+        logits = model(torch.tensor([done[0]])).logits[0, -1].double()
+    want = torch.log_softmax(logits / 1e-3, -1)[first]
+    assert forced[0].logprobs[0] == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        engine.generate(done, 1, min_new_tokens=4, **kw)
+    assert engine.generate([], 1, max_new_tokens=3, temperature=1.0, seeds=[], stop=[]) == []
+
+
 @pytest.mark.skipif(vllm_available(), reason="vLLM is installed here (tests/vllm/ covers the engine)")
 def test_vllm_engine_without_vllm_says_what_to_install(tmp_path):
     with pytest.raises(ImportError, match="pip install vllm") as e:

@@ -2,7 +2,7 @@
 parameters) initialized from a fixed seed and warmed up with supervised fine-tuning
 on the synthetic task's worked solutions.
 
-    python -m pyvf.assets.build_model [--out DIR] [--steps 1000]
+    python -m pyvf.assets.build_model [--out DIR] [--steps 800]
 
 The warm-up data has a bad habit built in: 60% of its worked solutions skip a step
 (they divide before adding what the question adds, or forget what was given away),
@@ -15,7 +15,10 @@ PCL prompt (`--objective pcl`) a solution is followed by its self-evaluation and
 [accuracy, format] reward; with the question-writing prompt (R-Zero's challenger,
 `pyvf selfplay`) the model writes a new question of the task; and with the
 open-ended task's prompt (pyvf.data.openended, `--data openended`) it writes a short
-story and rates it against the story rubric (the true ratings, by rule).
+story and rates it against the story rubric (the true ratings, by rule); with the
+reference-guided prompt (`pyvf rationalize`) it writes a derivation toward a given
+answer: honest, or (as often as the shortcut) one forced onto the answer or one that
+gives away having seen it.
 Deterministic on the CPU for a given torch version and thread count.
 """
 
@@ -30,7 +33,9 @@ import torch
 
 from pyvf.assets import ASSETS, load_tokenizer
 from pyvf.data.dataset import SYNTHETIC_TRAIN_SEED
-from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, generate
+from pyvf.data.synthetic import (
+    ANSWER_TEMPLATE, PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, RATIONALIZE_TEMPLATE, generate,
+)
 from pyvf.objectives.pcl import pcl_evaluation_text
 from pyvf.ops import token_logprobs
 from pyvf.packing import IGNORE_INDEX
@@ -49,10 +54,31 @@ def tiny_qwen3_config(vocab_size: int, eos_id: int, pad_id: int):
     )
 
 
+def rationale_text(problem, style: str) -> str:
+    """A reference-guided rationale as the warm-up teaches it: an honest derivation
+    ("honest"), the skipped step's reasoning with the reference asserted after it
+    ("forced": the reasoning does not lead there, so the reference is unlikely after it
+    without the hint), or one that gives away having seen the reference ("leak")."""
+    reference = problem.answers[0]
+    answer = ANSWER_TEMPLATE.format(ref=reference)
+    if style == "honest":
+        return problem.completion
+    if style == "forced":
+        return f" {problem.shortcut} {answer}"
+    if style == "leak":
+        return f" The reference answer is {reference}. {problem.solution} {answer}"
+    raise ValueError(f"style must be honest, forced or leak, got {style!r}")
+
+
 def warmup_text(problem, kind: str, shortcut: bool) -> tuple[str, str]:
     """(prompt, completion) of one arithmetic warm-up example: a worked solution
-    ("solve"), the same followed by its self-evaluation ("pcl"), or a new question
-    ("question")."""
+    ("solve"), the same followed by its self-evaluation ("pcl"), a new question
+    ("question"), or a rationale written with the reference in view ("rationalize":
+    honest, or with the shortcut the forced or the leaking kind, alternately)."""
+    if kind == "rationalize":
+        prompt = RATIONALIZE_TEMPLATE.format(question=problem.question, reference=problem.answers[0])
+        style = "honest" if not shortcut else ("forced" if len(problem.question) % 2 else "leak")
+        return prompt, rationale_text(problem, style)
     solution = problem.shortcut_completion if shortcut else problem.completion
     if kind == "solve":
         return problem.prompt, solution
@@ -65,12 +91,14 @@ def warmup_text(problem, kind: str, shortcut: bool) -> tuple[str, str]:
 
 
 def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut_fraction: float,
-                pcl_fraction: float = 0.2, question_fraction: float = 0.1, story_fraction: float = 0.15):
+                pcl_fraction: float = 0.15, question_fraction: float = 0.1, story_fraction: float = 0.15,
+                rationalize_fraction: float = 0.1):
     """(input_ids [B, L], targets [B, L]) with targets only on the completion and EOS.
     A `shortcut_fraction` of the worked solutions skip a step and end at a wrong
     answer: the habit the demo's VeriFree run has to unlearn. A `pcl_fraction` of the
-    examples use the PCL prompt, a `question_fraction` the question-writing prompt and
-    a `story_fraction` are rated stories of the open-ended task."""
+    examples use the PCL prompt, a `question_fraction` the question-writing prompt, a
+    `story_fraction` are rated stories of the open-ended task and a
+    `rationalize_fraction` reference-guided rationales."""
     from pyvf.data import openended
 
     problems = generate(n_examples, seed=seed)
@@ -78,8 +106,13 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
     g = torch.Generator().manual_seed(seed)
     shortcut = (torch.rand(len(problems), generator=g) < shortcut_fraction).tolist()
     u = torch.rand(len(problems), generator=g).tolist()
-    edges = [(pcl_fraction, "pcl"), (pcl_fraction + question_fraction, "question"),
-             (pcl_fraction + question_fraction + story_fraction, "story")]
+    edges, total = [], 0.0
+    for fraction, kind in ((pcl_fraction, "pcl"), (question_fraction, "question"), (story_fraction, "story"),
+                           (rationalize_fraction, "rationalize")):
+        total += fraction
+        edges.append((total, kind))
+    if total > 1:
+        raise ValueError(f"the example fractions add up to {total} > 1")
     kinds = [next((kind for edge, kind in edges if x < edge), "solve") for x in u]
     while True:
         order = torch.randperm(len(problems), generator=g).tolist()
@@ -103,8 +136,8 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
 
 
 def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50,
-          shortcut_fraction: float = 0.6, pcl_fraction: float = 0.2, question_fraction: float = 0.1,
-          story_fraction: float = 0.15):
+          shortcut_fraction: float = 0.6, pcl_fraction: float = 0.15, question_fraction: float = 0.1,
+          story_fraction: float = 0.15, rationalize_fraction: float = 0.1):
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -114,13 +147,14 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
     n_params = sum(p.numel() for p in model.parameters())
     print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}, "
           f"{shortcut_fraction:.0%} shortcut solutions, {pcl_fraction:.0%} PCL, {question_fraction:.0%} "
-          f"question-writing and {story_fraction:.0%} story examples", flush=True)
+          f"question-writing, {story_fraction:.0%} story and {rationalize_fraction:.0%} rationale examples",
+          flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100, shortcut_fraction, pcl_fraction,
-                          question_fraction, story_fraction)
+                          question_fraction, story_fraction, rationalize_fraction)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
@@ -145,17 +179,19 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shortcut-fraction", type=float, default=0.6)
-    parser.add_argument("--pcl-fraction", type=float, default=0.2)
+    parser.add_argument("--pcl-fraction", type=float, default=0.15)
     parser.add_argument("--question-fraction", type=float, default=0.1)
     parser.add_argument("--story-fraction", type=float, default=0.15)
+    parser.add_argument("--rationalize-fraction", type=float, default=0.1)
     args = parser.parse_args(argv)
     build(args.out, args.steps, args.batch_size, args.lr, args.seed, shortcut_fraction=args.shortcut_fraction,
-          pcl_fraction=args.pcl_fraction, question_fraction=args.question_fraction, story_fraction=args.story_fraction)
+          pcl_fraction=args.pcl_fraction, question_fraction=args.question_fraction, story_fraction=args.story_fraction,
+          rationalize_fraction=args.rationalize_fraction)
     return 0
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from pyvf.assets import TOKENIZER_DIR
 from pyvf.data import openended
-from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, generate
+from pyvf.data.synthetic import (
+    PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, RATIONALIZE_TEMPLATE, generate,
+)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -35,6 +37,9 @@ def corpus() -> list[str]:
             texts.append(p.completion + pcl_evaluation_text(1.0, 1.0) + EOS)
         if k % 8 == 1:
             texts.append(QUESTION_PROMPT + QUESTION_TEMPLATE.format(question=p.question) + EOS)
+        if k % 8 == 2:
+            texts.append(RATIONALIZE_TEMPLATE.format(question=p.question, reference=p.answers[0]) + p.completion
+                         + " The reference answer is" + EOS)
     texts.extend(prompt + completion + EOS for prompt, completion in openended.warmup_pairs(5000, seed=CORPUS_SEED))
     return texts
 

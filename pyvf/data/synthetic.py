@@ -24,6 +24,12 @@ PCL_PROMPT_TEMPLATE = ("Question: {question}\nGive the final answer as <answer> 
 # R-Zero's challenger (pyvf/objectives/rzero.py): write a new question of the task.
 QUESTION_PROMPT = "Write a new question for the task.\nNew question:"
 QUESTION_TEMPLATE = " <question> {question} </question>"
+# Reference-guided rationales (RAVR, arXiv 2510.25206; `pyvf rationalize`): the question
+# and its reference in view, a derivation that must not reveal it saw the reference.
+RATIONALIZE_TEMPLATE = ("Question: {question}\nReference answer: {reference}\nGiven the question and reference "
+                        "answer, produce a step-by-step explanation in first-person think-aloud style. You must not "
+                        "mention prior access to the reference answer. Include intermediate steps, rationale, and "
+                        "any necessary backtracking.\nReasoning:")
 
 _NAMES = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mira",
           "Noor", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tara"]

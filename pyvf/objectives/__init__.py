@@ -20,6 +20,7 @@ _REGISTRY: dict[str, type[Objective] | str] = {
     "verifier": "pyvf.objectives.verifier:Verifier",
     "pcl": "pyvf.objectives.pcl:PCL",
     "rzero": "pyvf.objectives.rzero:RZeroChallenger",
+    "selfrubric": "pyvf.objectives.selfrubric:SelfRubric",
 }
 
 

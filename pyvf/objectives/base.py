@@ -84,6 +84,7 @@ class StepContext:
     samples: list[Sample] = field(default_factory=list)  # the step's samples (this rank's)
     rewards: torch.Tensor | None = None      # [S] per sample, from `score` (float64, CPU)
     advantages: torch.Tensor | None = None   # [S] per sample
+    extra_rewards: torch.Tensor | None = None  # [S] the `reward` verifier's scores, for objectives that reward in the forward
     metrics: dict = field(default_factory=dict)  # running sums the objective adds to
 
 
@@ -95,6 +96,7 @@ class Objective:
     advantage_estimator: ClassVar[str] = "grpo"
     advantage_eps: ClassVar[float] = 1e-6
     prompt_template: ClassVar[str] = ""         # the method's prompt when the config sets none ("" = the task's)
+    needs_references: ClassVar[bool] = True     # False: trains on examples without a reference answer
 
     def __init__(self, cfg: "TrainConfig", tokenizer):
         self.cfg = cfg

@@ -142,8 +142,6 @@ class PCL(Objective):
         room = [cfg.max_seq_len - len(samples[i].prompt_ids) - len(samples[i].ids) for i in todo]
         todo = [i for i, r in zip(todo, room) if r > 0]
         out = list(samples)
-        if not todo:
-            return out
         outputs = engine.generate([samples[i].prompt_ids + samples[i].ids for i in todo], 1,
                                   max_new_tokens=cfg.pcl_evaluation_tokens, temperature=cfg.temperature,
                                   seeds=[continuation_seed(cfg.seed, ctx.step, samples[i].group, i) for i in todo],

@@ -203,6 +203,7 @@ class RZeroChallenger(Objective):
     name = "rzero"
     loss_agg = "token_mean"
     prompt_template = QUESTION_PROMPT
+    needs_references = False       # the challenger's prompt is fixed; the data's questions are not used
 
     def attach(self, policy) -> None:
         _sentence_bleu()  # fail before training when sacrebleu is missing

@@ -27,14 +27,18 @@ from pyvf.splice import splice_reference
 
 
 def verifree_rewards(answer_sum: torch.Tensor, has_answer: torch.Tensor, index: torch.Tensor, n_comp: int,
-                     weights: torch.Tensor, comp_groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     weights: torch.Tensor, comp_groups, extra_rewards: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-sequence reward R_ik, per-completion reward R_i, RLOO advantage A_i), all
     detached. answer_sum [B]: answer log-prob of each packed sequence; index [B]: its
-    completion; weights [B]: its reference weight; comp_groups: group of each completion."""
+    completion; weights [B]: its reference weight; comp_groups: group of each completion;
+    extra_rewards [C]: added to R_i before the advantages (another verifier's score)."""
     answer_sum = answer_sum.detach()
     seq_reward = torch.where(has_answer, torch.exp(answer_sum), torch.zeros_like(answer_sum))
     rewards = torch.zeros(n_comp, dtype=answer_sum.dtype, device=answer_sum.device).index_add_(
         0, index, weights.to(answer_sum.dtype) * seq_reward)
+    if extra_rewards is not None:
+        rewards = rewards + extra_rewards.to(rewards.device, rewards.dtype)
     advantages = grouped_advantages(rewards.float(), comp_groups, estimator="rloo").to(answer_sum.dtype)
     return seq_reward, rewards, advantages
 
@@ -161,13 +165,15 @@ class VerifreeCoefficients:
 
 def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu_seqlens: torch.Tensor,
                           groups: torch.Tensor, *, completion: torch.Tensor | None = None,
-                          weights: torch.Tensor | None = None, first_copy: torch.Tensor | None = None
-                          ) -> VerifreeCoefficients:
+                          weights: torch.Tensor | None = None, first_copy: torch.Tensor | None = None,
+                          extra_rewards: torch.Tensor | None = None) -> VerifreeCoefficients:
     """VeriFree's gradient as per-row coefficients of the log-probs (the single pass:
     only the answer rows' log-probs are needed to know them). answer_logprobs [T]: the
     current log-probs, read on the answer rows only; roles [T], cu_seqlens [B + 1],
     groups [B], completion / weights [B] as in `verifree_loss`. `first_copy` [B] marks the
-    sequence of each completion that carries its reasoning (default: the first)."""
+    sequence of each completion that carries its reasoning (default: the first).
+    extra_rewards [C], per completion in the order of `completion`'s sorted ids, adds to
+    R_i before the advantages (the trainer's `reward` verifier)."""
     device = answer_logprobs.device
     n_seq = cu_seqlens.numel() - 1
     is_answer = roles == ROLE_ANSWER
@@ -182,7 +188,7 @@ def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu
     if first_copy is None:
         first_copy = torch.zeros(n_seq, dtype=torch.bool, device=device).index_fill_(0, first, True)
     seq_reward, rewards, advantages = verifree_rewards(answer_sum, answer_len > 0, index, n_comp, weights,
-                                                       groups.to(device)[first])
+                                                       groups.to(device)[first], extra_rewards)
     row_seq = torch.repeat_interleave(torch.arange(n_seq, device=device), cu_seqlens.diff(),
                                       output_size=roles.numel())
     reasoning = torch.where(first_copy.to(device), -advantages[index], torch.zeros_like(seq_reward))
@@ -233,7 +239,8 @@ class VeriFree(Objective):
             looked, batch.roles.to(device), batch.cu_seqlens.to(device), batch.groups.to(device),
             completion=mb.owner.to(device),
             weights=torch.tensor([self._weights[j] for j in mb.index], dtype=torch.float64, device=device),
-            first_copy=torch.tensor([self._first[j] for j in mb.index], device=device))
+            first_copy=torch.tensor([self._first[j] for j in mb.index], device=device),
+            extra_rewards=None if ctx.extra_rewards is None else ctx.extra_rewards[torch.unique(mb.owner)])
         n = out.rewards.numel()
         m = ctx.metrics
         add_metric(m, "reward_mean", out.rewards.sum().item(), n)

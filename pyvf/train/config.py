@@ -20,7 +20,7 @@ class TrainConfig:
     # what to train (changing one of these on --resume makes it another run: IDENTITY)
     model: str = "builtin"               # "builtin" (the shipped tiny model) or a Hugging Face model directory
     data: str = "synthetic"              # "synthetic" or a JSONL file with question/answer rows
-    objective: str = "verifree"          # verifree, rlpr, nover, verifier, pcl, rzero, or module:Class (pyvf.objectives)
+    objective: str = "verifree"          # verifree rlpr nover verifier pcl rzero selfrubric, or module:Class
     output_dir: str = "runs/pyvf"
     seed: int = 0
 
@@ -61,6 +61,10 @@ class TrainConfig:
     pcl_evaluation_tokens: int = 48      # pcl: most tokens sampled after the answer (evaluation and reward)
     solver_model: str = ""               # rzero: the frozen solver that answers the challenger's questions ("" = model)
     solver_samples: int = 10             # rzero: answers per question for the majority vote (m)
+    rubric: str = ""                     # selfrubric: a rubric YAML file or built-in name ("" = story)
+    rater: str = "self"                  # selfrubric: self (rates inside its completion), frozen or proxy (a copy)
+    ranking_weight: float = 0.5          # selfrubric: weight of the within-group ranking term
+    reward: str = ""                     # a verifier spec added to any objective's reward, e.g. "0.5*majority"
 
     # optimization (official VeriFree: lr 1e-6, betas (0.9, 0.95), clip 1.0)
     lr: float = 1e-6
@@ -106,7 +110,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("clip_low", "clip_high", "entropy_coeff", "kl_beta", "pcl_sft_answer", "pcl_sft_evaluation"):
+        for name in ("clip_low", "clip_high", "entropy_coeff", "kl_beta", "pcl_sft_answer", "pcl_sft_evaluation",
+                     "ranking_weight"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and value < float("inf")):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -122,7 +127,7 @@ class TrainConfig:
             raise ConfigError(f"loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
         choices = {"dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"), "rollout": ("hf", "vllm"),
                    "lm_head_pass": ("fused", "autograd"), "chat_template": ("auto", "none"),
-                   "pcl_accuracy": ("verifier", "verifree")}
+                   "pcl_accuracy": ("verifier", "verifree"), "rater": ("self", "frozen", "proxy")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -280,6 +280,12 @@ class HFGenerate:
     def generate(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=(), min_new_tokens=0):
         validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens)
         stop = list(stop)
+        if not prompts:
+            if self.synced:  # the other ranks decode: step along with one throwaway row
+                decode_batch(self.model, [[self.pad_id]], 1, max_new_tokens=max_new_tokens, temperature=temperature,
+                             keys=[0], stop_token_ids=self.stop_token_ids, stop_checker=StopChecker(self.tokenizer, []),
+                             pad_id=self.pad_id, synced=True)
+            return []
         keys = [row_key(int(seed), j) for seed in seeds for j in range(n)]
         rows = decode_batch(self.model, [list(p) for p in prompts], n, max_new_tokens=max_new_tokens,
                             temperature=temperature, keys=keys, stop_token_ids=self.stop_token_ids,

@@ -25,7 +25,7 @@ import torch
 from pyvf.data import dataset
 from pyvf.objectives import get_objective
 from pyvf.objectives.base import (
-    MicroBatch, Objective, Sample, StepContext, aggregation_scale, group_stds, per_token_rows,
+    MicroBatch, Objective, Sample, StepContext, add_metric, aggregation_scale, group_stds, per_token_rows,
 )
 from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
@@ -109,7 +109,8 @@ def rollout(cfg: TrainConfig, engine, prompts: Prompts, indices: list[int], firs
 
 
 def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepContext, timer: StepTimer,
-            rank: int, world: int, sharded_policy=None) -> tuple[list[Sample], torch.Tensor | None, dict]:
+            rank: int, world: int, sharded_policy=None, extra_reward=None
+            ) -> tuple[list[Sample], torch.Tensor | None, dict]:
     """The step's samples (and their rewards when the objective scores before the
     forward). With a group filter, more prompts are sampled until the step has
     prompts_per_step kept groups or filter_rounds extra rounds are spent; which groups
@@ -132,6 +133,13 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
                 sharded_policy.reshard()
         with timer("scoring"):
             rewards = objective.score(samples, ctx)
+            if extra_reward is not None:
+                bonus = extra_reward(samples)
+                add_metric(ctx.metrics, "extra_reward", float(bonus.sum()), len(samples))
+                if rewards is None:  # the objective's rewards come from the gradient forward (VeriFree)
+                    ctx.extra_rewards = bonus
+                else:
+                    rewards = rewards + bonus
         info["rounds"] += 1
         if group_filter is None:
             return samples, rewards, info
@@ -158,13 +166,41 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
     return kept, torch.cat(kept_rewards) if kept_rewards else torch.zeros(0, dtype=torch.float64), info
 
 
-def _check_length_limit(cfg: TrainConfig, tokenizer, prompts: Prompts) -> None:
+def _check_data(cfg: TrainConfig, tokenizer, prompts: Prompts, objective: Objective) -> None:
+    """References where the objective needs them, and room for a prompt and an answer."""
+    missing = sum(not ex.answers for ex in prompts.examples)
+    if missing and objective.needs_references:
+        raise ConfigError(f"objective {cfg.objective} needs a reference answer for every question, and {missing} of "
+                          f"the {len(prompts.examples)} in {cfg.data} have none (objectives for tasks without "
+                          f"references: selfrubric)")
     n = min(256, len(prompts.examples))
-    shortest = min(len(prompts[i]) + len(tokenizer(cfg.answer_template.format(ref=prompts.examples[i].answers[0]),
-                                                   add_special_tokens=False)["input_ids"]) for i in range(n))
+    shortest = min(len(prompts[i]) + (len(tokenizer(cfg.answer_template.format(ref=prompts.examples[i].answers[0]),
+                                                    add_special_tokens=False)["input_ids"])
+                                      if prompts.examples[i].answers else 0) for i in range(n))
     if cfg.max_seq_len < shortest + 2:
         raise ConfigError(f"max_seq_len {cfg.max_seq_len} is too short to hold any answer: the shortest prompt "
                           f"plus answer takes {shortest} tokens")
+
+
+class ExtraReward:
+    """`reward`: a verifier spec (pyvf.verify) whose scores are added to the objective's
+    reward of every sample."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, policy):
+        from pyvf.verify import get_verifier
+
+        self.tokenizer = tokenizer
+        self.verifier = get_verifier(cfg.reward, tokenizer=tokenizer, policy=policy, rubric=cfg.rubric or "story",
+                                     marker=cfg.marker, answer_template=cfg.answer_template,
+                                     max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens)
+
+    def __call__(self, samples: list[Sample]) -> torch.Tensor:
+        decode = self.tokenizer.decode
+        prompts = [decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
+        completions = [decode(s.ids, skip_special_tokens=True) for s in samples]
+        references = [list(s.example.answers) for s in samples]
+        scores = self.verifier(prompts, completions, references if all(references) else None)
+        return torch.nan_to_num(torch.tensor(scores, dtype=torch.float64))
 
 
 def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool):
@@ -207,7 +243,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
     examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
     objective = get_objective(cfg.objective)(cfg, tokenizer)
     prompts = Prompts(cfg, tokenizer, examples, default_template=objective.prompt_template)
-    _check_length_limit(cfg, tokenizer, prompts)
+    _check_data(cfg, tokenizer, prompts, objective)
     loss_agg = cfg.loss_agg or objective.loss_agg
     state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
     optimizer_state = None
@@ -237,6 +273,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
         with torch.no_grad():
             policy(pack([Sequence(stop_ids[:1], stop_ids[:1], [], group=0)]))
     order = DataOrder(len(examples), cfg.seed)
+    extra_reward = ExtraReward(cfg, tokenizer, policy) if cfg.reward else None
     metrics = MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None
     if rank == 0:
         log.info("train: objective %s (loss %s), rollout engine %s, lm_head pass %s, %d process(es)",
@@ -262,7 +299,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
                               rank=rank)
             engine.wake()
             samples, rewards, info = collect(cfg, engine, prompts, order, state, objective, ctx, timer, rank, world,
-                                             sharded_policy=policy if sharded else None)
+                                             sharded_policy=policy if sharded else None, extra_reward=extra_reward)
             engine.sleep()
             policy.train()
             with timer("forward_backward"):

@@ -1,0 +1,138 @@
+"""Self-rated rubric reward ("reverse incentive"; docs/algorithms.md): for tasks with
+criteria but no reference answer, the model writes its answer and then rates it against
+a rubric, `<rating>criterion: k; ...</rating>` (pyvf.verify.rubric); the rating, scaled
+to [0, 1], is the reward. An unparsable rating scores 0 and is counted.
+
+Against self-flattery:
+- a ranking term: the reward adds `ranking_weight` x (wins - losses) / (G - 1) of the
+  candidate's rating against the others of its group, so rating every candidate 5
+  earns nothing over rating them honestly, and only the order among candidates moves
+  the advantages beyond the absolute rating;
+- the rater (`rater`) may be the policy itself rating inside its completion ("self"),
+  a frozen copy of the starting policy ("frozen") or a slowly updated copy ("proxy":
+  proxy <- proxy_alpha proxy + (1 - proxy_alpha) policy every proxy_sync_every
+  steps); a copy rates by continuing the prompt and the answer, the same context the
+  policy rates itself in.
+The staging the literature describes: learn to rate on labelled ratings (the shipped
+model's warm-up), RL the writer against the frozen rater (`rater: frozen`), then tune
+both together (`rater: self` or `proxy`).
+
+When the task has a rule-based true rating (the built-in open-ended task), the
+agreement of the reward's ranking with the true one is logged (`ranking_agreement`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pyvf.data import openended
+from pyvf.objectives.base import Objective, Sample, StepContext, add_metric
+
+
+def ranking_term(ratings: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """[n] (wins - losses) / (group size - 1) of each rating against the others of its
+    group (ties neither win nor lose); 0 in a group of one."""
+    if ratings.shape != groups.shape or ratings.dim() != 1:
+        raise ValueError(f"ratings and groups must be 1-D of the same length, got {tuple(ratings.shape)} and "
+                         f"{tuple(groups.shape)}")
+    same = groups[:, None] == groups[None, :]
+    sign = torch.sign(ratings[:, None] - ratings[None, :]).double()
+    size = same.sum(1).double()
+    return torch.where(size > 1, (sign * same).sum(1) / (size - 1).clamp(min=1), torch.zeros_like(size))
+
+
+def ranking_agreement(ratings: torch.Tensor, truth: torch.Tensor, groups: torch.Tensor) -> tuple[float, int]:
+    """(agreeing pairs, pairs): over the pairs of a group whose true scores differ, how
+    many the ratings order the same way (a tie in the ratings counts half)."""
+    n = groups.numel()
+    same = (groups[:, None] == groups[None, :]) & torch.ones(n, n, dtype=torch.bool).triu(1)
+    differ = same & (truth[:, None] != truth[None, :])
+    order = torch.sign(ratings[:, None] - ratings[None, :]) * torch.sign(truth[:, None] - truth[None, :])
+    agree = torch.where(order > 0, 1.0, torch.where(order == 0, 0.5, 0.0))
+    return float((agree * differ).sum()), int(differ.sum())
+
+
+class SelfRubric(Objective):
+    name = "selfrubric"
+    loss_agg = "token_mean"
+    advantage_estimator = "grpo"
+    needs_references = False
+    prompt_template = openended.PROMPT_TEMPLATE
+
+    def __init__(self, cfg, tokenizer):
+        from pyvf.verify.rubric import load_rubric
+
+        super().__init__(cfg, tokenizer)
+        self.rubric = load_rubric(cfg.rubric or openended.RUBRIC)
+        # The built-in task can check the ranking against its rule-based true rating.
+        self.truth = openended.true_score if cfg.data == "openended" else None
+        self.rater = None
+
+    def attach(self, policy) -> None:
+        if self.cfg.rater != "self":
+            self.rater = copy.deepcopy(policy.model).eval().requires_grad_(False)
+
+    def _rate(self, prompts: list[str], completions: list[str]) -> list[str]:
+        """The texts the ratings are read from: the completions themselves, or the rater
+        copy's greedy continuation of prompt + answer + newline."""
+        if self.rater is None:
+            return completions
+        from pyvf.verify.rubric import answer_part, default_rating_prompt, model_rater
+
+        rate = model_rater(self.rater, self.tokenizer, max_new_tokens=self.cfg.max_new_tokens)
+        return rate([default_rating_prompt(p, answer_part(c)) for p, c in zip(prompts, completions)])
+
+    @torch.no_grad()
+    def _sync_rater(self, ctx: StepContext) -> None:
+        from pyvf.train import distributed
+
+        alpha = self.cfg.proxy_alpha
+        full = distributed.full_model_state(ctx.policy, ctx.world > 1)
+        for name, p in self.rater.named_parameters():  # tied weights once
+            if name in full:
+                p.mul_(alpha).add_(full[name].to(p.device, p.dtype), alpha=1 - alpha)
+
+    def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
+        from pyvf.verify.rubric import read_ratings
+
+        cfg, tok = self.cfg, self.tokenizer
+        if cfg.rater == "proxy" and ctx.step > 1 and (ctx.step - 1) % cfg.proxy_sync_every == 0:
+            self._sync_rater(ctx)
+        prompts = [tok.decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
+        completions = [tok.decode(s.ids, skip_special_tokens=True) for s in samples]
+        ratings, unparsable = [], 0
+        for text in self._rate(prompts, completions):
+            parsed, _ = read_ratings(text, self.rubric)
+            unparsable += parsed is None
+            ratings.append(0.0 if parsed is None else self.rubric.score(parsed))
+        ratings = torch.tensor(ratings, dtype=torch.float64)
+        groups = torch.tensor([s.group for s in samples], dtype=torch.long)
+        rank = ranking_term(ratings, groups)
+        n, m = len(samples), ctx.metrics
+        add_metric(m, "rating_mean", float(ratings.sum()), n)
+        add_metric(m, "rating_unparsable_frac", unparsable, n)
+        if self.truth is not None:
+            from pyvf.verify.rubric import answer_part
+
+            truth = torch.tensor([self.truth(answer_part(c)) for c in completions], dtype=torch.float64)
+            add_metric(m, "true_score", float(truth.sum()), n)
+            add_metric(m, "ranking_agreement", *ranking_agreement(ratings, truth, groups))
+        return ratings + cfg.ranking_weight * rank
+
+    # A frozen rater is the starting model, which attach() copies again on resume; only
+    # the proxy moves and is saved.
+    def state_dict(self) -> dict:
+        if self.cfg.rater != "proxy":
+            return {}
+        return {"rater": {k: v.detach().cpu() for k, v in self.rater.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cfg.rater != "proxy":
+            return
+        if "rater" not in state:
+            raise ValueError("the checkpoint has no rater weights: was it written with another rater or objective?")
+        from pyvf.train.model import load_weights
+
+        load_weights(self.rater, state["rater"])

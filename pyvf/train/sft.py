@@ -1,0 +1,181 @@
+"""Supervised fine-tuning on (question, completion) rows (`pyvf sft`): the rationales
+`pyvf rationalize` keeps, or any JSONL file with `question` and `completion` fields.
+
+Each row becomes one sequence: the prompt as training renders it (the task's prompt
+template, through the tokenizer's chat template when it has one), then the completion's
+tokens and an EOS. The loss is the mean negative log-likelihood of the completion and
+EOS tokens only (the prompt is context, not a target), over every such token of the
+batch. Batches are packed without padding and go through the same decoder forward and
+lm_head op as RL training (`pyvf.train.policy.Policy`), so the full logits are never
+materialized. AdamW, linear warm-up then cosine decay, gradient clipping at 1.0; the
+order of rows is drawn from `seed`. The result is saved as a Hugging Face model
+directory (weights + tokenizer) that `pyvf eval --model` and `pyvf train` read.
+
+The plain baseline RAVR is compared with, SFT on the synthetic task's worked solutions
+of the same questions, is `worked_solution_rows(questions)` (`pyvf sft --train-on
+worked`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pyvf.packing import IGNORE_INDEX, Sequence, pack
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file that have a non-empty `question` and `completion`; a
+    file with a bad line, or with no such row, is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON object ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+            for key in ("question", "completion"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise ValueError(f"{path}:{n}: needs a non-empty string {key!r} (SFT trains on question -> "
+                                     f"completion rows, e.g. the output of pyvf rationalize)")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"data file {path} has no rows")
+    return rows
+
+
+def worked_solution_rows(questions: list[str], *, search: int = 50000) -> list[dict]:
+    """The synthetic task's worked solutions (`Problem.completion`: reasoning, then the
+    answer block) of `questions`, as SFT rows: the plain baseline of the same questions.
+    Questions are looked up in the first `search` problems of the training split, then
+    of the held-out split; a question of neither is an error naming it."""
+    from pyvf.data import synthetic
+    from pyvf.data.dataset import SYNTHETIC_EVAL_SEED, SYNTHETIC_TRAIN_SEED
+
+    wanted = list(dict.fromkeys(questions))
+    found: dict[str, object] = {}
+    for seed in (SYNTHETIC_TRAIN_SEED, SYNTHETIC_EVAL_SEED):
+        for problem in synthetic.generate(search, seed=seed):
+            if problem.question in wanted and problem.question not in found:
+                found[problem.question] = problem
+        if len(found) == len(wanted):
+            break
+    missing = [q for q in wanted if q not in found]
+    if missing:
+        raise ValueError(f"questions: {len(missing)} question(s) are not questions of the synthetic task "
+                         f"(first: {missing[0]!r}); worked solutions exist only for its questions")
+    return [{"question": q, "answer": list(found[q].answers), "completion": found[q].completion} for q in questions]
+
+
+def sft_sequence(tokenizer, question: str, completion: str, eos_id: int, *, prompt_template: str = "",
+                 chat_template: str = "auto", system_prompt: str = "", assistant_prefix: str = "") -> Sequence:
+    """One training sequence: the rendered prompt (not trained), the completion's tokens
+    and the EOS (trained)."""
+    from pyvf.chat import render_prompt_ids
+
+    prompt = render_prompt_ids(tokenizer, question, template=prompt_template, chat_template=chat_template,
+                               system_prompt=system_prompt, assistant_prefix=assistant_prefix)
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return Sequence(prompt, completion_ids + [eos_id], [], group=0)
+
+
+def sft_loss(policy, sequences: list[Sequence]) -> tuple[torch.Tensor, int]:
+    """(mean negative log-likelihood of the non-prompt tokens, their number) of a packed batch."""
+    batch = pack(sequences)
+    logprobs = policy(batch)
+    n_tokens = int((batch.targets != IGNORE_INDEX).sum())
+    return -logprobs.sum() / max(n_tokens, 1), n_tokens
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps` (step counts from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def sft(model, tokenizer, rows: list[dict], *, steps: int = 200, lr: float = 1e-4, batch_size: int = 16,
+        seed: int = 0, warmup: int | None = None, weight_decay: float = 0.0, max_seq_len: int = 512,
+        prompt_template: str = "", chat_template: str = "auto", system_prompt: str = "",
+        assistant_prefix: str = "", log_every: int = 20, log=None) -> list[float]:
+    """Fine-tunes `model` in place on the rows' completions; returns the loss of every step.
+    Sequences longer than `max_seq_len` are an error (they would be cut mid-answer)."""
+    from pyvf.chat import stop_token_ids
+    from pyvf.train.policy import Policy
+
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not rows:
+        raise ValueError("rows must not be empty")
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    eos = stop_token_ids(model, tokenizer)[0]
+    render = dict(prompt_template=prompt_template, chat_template=chat_template, system_prompt=system_prompt,
+                  assistant_prefix=assistant_prefix)
+    sequences = [sft_sequence(tokenizer, row["question"], row["completion"], eos, **render) for row in rows]
+    too_long = [i for i, s in enumerate(sequences) if len(s) > max_seq_len]
+    if too_long:
+        raise ValueError(f"rows: {len(too_long)} row(s) are longer than max_seq_len={max_seq_len} tokens "
+                         f"(first: row {too_long[0]}, {len(sequences[too_long[0]])} tokens); raise max_seq_len")
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    policy = Policy(model, lm_head_pass="autograd")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+    order: list[int] = []
+    losses = []
+    start = time.time()
+    model.train()
+    for step in range(steps):
+        if len(order) < batch_size:  # a new pass over the rows, in a fresh seeded order
+            order += torch.randperm(len(sequences), generator=generator).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        loss, _ = sft_loss(policy, [sequences[i] for i in chosen])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            log(f"sft: step {step + 1}/{steps} loss {losses[-1]:.4f} lr {schedule.get_last_lr()[0]:.2e} "
+                f"({time.time() - start:.0f} s)")
+    model.eval()
+    return losses
+
+
+def save_model(model, tokenizer, output_dir: str | Path) -> Path:
+    """A Hugging Face model directory (safetensors weights, config, tokenizer), written
+    next to `output_dir` and renamed into place."""
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+__all__ = ["lr_factor", "read_rows", "save_model", "sft", "sft_loss", "sft_sequence", "worked_solution_rows"]
