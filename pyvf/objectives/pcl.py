@@ -22,7 +22,7 @@ import ast
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections import abc
 
 import torch
 
@@ -64,7 +64,7 @@ def parse_pcl_reward(text: str) -> list[float] | None:
         return None
 
 
-def pcl_consistency(ground_truth: Sequence[float], predicted: Sequence[float] | None) -> float:
+def pcl_consistency(ground_truth: abc.Sequence[float], predicted: abc.Sequence[float] | None) -> float:
     """1 - mean_k |gt_k - pred_k| / max(gt_k, pred_k) (src/open_r1/rewards.py,
     `rewarding_reward`). A missing (None), wrong-length, negative or NaN prediction scores
     0. A term with gt_k = pred_k = 0 counts as a perfect match: the official code divides
@@ -85,7 +85,7 @@ def pcl_consistency(ground_truth: Sequence[float], predicted: Sequence[float] | 
     return 1.0 - total / len(gt)
 
 
-def pcl_consistency_rewards(ground_truth: Sequence[Sequence[float]], completions: list[str]) -> torch.Tensor:
+def pcl_consistency_rewards(ground_truth: abc.Sequence[abc.Sequence[float]], completions: list[str]) -> torch.Tensor:
     """`pcl_consistency` of each completion's parsed <reward> block against its ground-truth
     rewards (accuracy, format of the think-answer part)."""
     if len(ground_truth) != len(completions):
@@ -164,8 +164,11 @@ class PCL(Objective):
         if mode == "verifree":
             from pyvf.objectives.verifree import verifree_scores
 
+            cfg = self.cfg
             return verifree_scores(ctx.policy, self.tokenizer, [s.prompt_ids for s in samples], answer_ids,
-                                   [s.example for s in samples], ctx, cfg=self.cfg)
+                                   [s.example.answers for s in samples], [s.example.weights for s in samples], ctx,
+                                   marker=cfg.marker, answer_template=cfg.answer_template,
+                                   max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens)
         from pyvf.objectives.verifier import verifier_rewards
 
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]

@@ -44,27 +44,35 @@ def verifree_rewards(answer_sum: torch.Tensor, has_answer: torch.Tensor, index: 
 
 
 @torch.no_grad()
-def verifree_scores(policy, tokenizer, prompt_ids: list[list[int]], completions: list[list[int]], examples,
-                    ctx: StepContext, *, cfg) -> torch.Tensor:
+def verifree_scores(policy, tokenizer, prompt_ids: list[list[int]], completions: list[list[int]],
+                    references: list[list[str]], weights: list[list[float]], ctx: StepContext, *, marker: str,
+                    answer_template: str, max_seq_len: int | None, token_budget: int,
+                    counts: dict | None = None) -> torch.Tensor:
     """sum_k w_k pi(y*_k | x, z) of each completion z (token ids, sampled after
-    prompt_ids) without gradients: the reasoning through the marker, each reference of
-    the example spliced after it (`examples[i].answers` / `.weights`), scored by the
-    policy. 0 without the marker or over cfg.max_seq_len. Collective under torchrun:
-    every rank calls it at the same point."""
-    if not len(prompt_ids) == len(completions) == len(examples):
-        raise ValueError(f"prompt_ids, completions and examples must have the same length, got {len(prompt_ids)}, "
-                         f"{len(completions)} and {len(examples)}")
-    seqs, owner, weights = [], [], []
-    for i, (prompt, ids, ex) in enumerate(zip(prompt_ids, completions, examples)):
-        spliced = splice_reference(tokenizer, list(ids), list(ex.answers), marker=cfg.marker,
-                                   answer_template=cfg.answer_template)
-        for sp, w in zip(spliced, ex.weights):
-            if sp.found and len(prompt) + len(sp.reasoning_ids) + len(sp.answer_ids) <= cfg.max_seq_len:
-                seqs.append(Sequence(list(prompt), sp.reasoning_ids, sp.answer_ids, group=0))
-                owner.append(i)
-                weights.append(w)
+    prompt_ids) without gradients: the reasoning through the marker, each reference
+    spliced after it, scored by the policy. 0 without the marker; a reference whose
+    sequence is over max_seq_len adds 0 (as in training). `counts`, if given, gains
+    `no_marker` and `too_long`. Collective under torchrun: every rank calls it at the
+    same point."""
+    if not len(prompt_ids) == len(completions) == len(references) == len(weights):
+        raise ValueError(f"prompt_ids, completions, references and weights must have the same length, got "
+                         f"{len(prompt_ids)}, {len(completions)}, {len(references)} and {len(weights)}")
+    counts = {} if counts is None else counts
+    seqs, owner, seq_weights = [], [], []
+    for i, (prompt, ids, refs, ws) in enumerate(zip(prompt_ids, completions, references, weights)):
+        spliced = splice_reference(tokenizer, list(ids), list(refs), marker=marker, answer_template=answer_template)
+        if not spliced[0].found:
+            counts["no_marker"] = counts.get("no_marker", 0) + 1
+            continue
+        for sp, w in zip(spliced, ws):
+            if max_seq_len is not None and len(prompt) + len(sp.reasoning_ids) + len(sp.answer_ids) > max_seq_len:
+                counts["too_long"] = counts.get("too_long", 0) + 1
+                continue
+            seqs.append(Sequence(list(prompt), sp.reasoning_ids, sp.answer_ids, group=0))
+            owner.append(i)
+            seq_weights.append(w)
     out = torch.zeros(len(completions), dtype=torch.float64)
-    for seq, i, w, logprobs in zip(seqs, owner, weights, score_rows(policy, seqs, ctx, cfg.micro_batch_tokens)):
+    for seq, i, w, logprobs in zip(seqs, owner, seq_weights, score_rows(policy, seqs, ctx, token_budget)):
         out[i] += w * float(torch.exp(logprobs[-len(seq.answer_ids):].sum()))
     return out
 

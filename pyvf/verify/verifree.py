@@ -19,9 +19,6 @@ score it 0 yourself, as the VeriFree objective does.
 
 from __future__ import annotations
 
-import math
-
-from pyvf.splice import splice_reference
 from pyvf.verify.base import BaseVerifier, check_batch
 
 
@@ -81,47 +78,32 @@ class VerifreeVerifier(BaseVerifier):
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def __call__(self, prompts, completions, references=None) -> list[float]:
-        import torch
-
-        from pyvf.objectives.base import StepContext, score_rows
-        from pyvf.packing import Sequence
+        from pyvf.objectives.base import StepContext
+        from pyvf.objectives.verifree import verifree_scores
 
         prompts, completions, references = check_batch(prompts, completions, references, need_references=True,
                                                        who=self.name)
-        sequences, owner = [], []
         prompt_cache: dict[str, list[int]] = {}
-        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, references)):
+        prompt_ids = []
+        for i, prompt in enumerate(prompts):
             if prompt not in prompt_cache:
                 prompt_cache[prompt] = self._prompt_ids(prompt)
-            prompt_ids = prompt_cache[prompt]
-            if not prompt_ids:
+            if not prompt_cache[prompt]:
                 raise ValueError(f"prompts[{i}] is empty: the answer is scored after a prompt")
-            refs = [r for r in refs if r.strip()]
-            completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-            spliced = splice_reference(self.tokenizer, completion_ids, refs, marker=self.marker,
-                                       answer_template=self.answer_template)
-            if not spliced[0].found:
-                self.count("no_marker")
-                continue
-            for sp in spliced:
-                seq = Sequence(prompt_ids, sp.reasoning_ids, sp.answer_ids, group=i)
-                if self.max_seq_len is not None and len(seq) > self.max_seq_len:
-                    self.count("too_long")  # this reference adds 0, as in training
-                    continue
-                sequences.append(seq)
-                owner.append((i, 1.0 / len(spliced)))
-
-        scores = [0.0] * len(completions)
-        if sequences:
-            weight = self.policy.model.get_output_embeddings().weight
-            ctx = StepContext(step=0, policy=self.policy, temperature=self.temperature, device=weight.device)
-            with torch.no_grad():
-                logprobs = score_rows(self.policy, sequences, ctx, self.token_budget)
-            for seq, lp, (i, w) in zip(sequences, logprobs, owner):
-                answer = lp[len(lp) - len(seq.answer_ids):]
-                scores[i] += w * math.exp(float(answer.sum()))
+            prompt_ids.append(prompt_cache[prompt])
+        references = [[r for r in refs if r.strip()] for refs in references]
+        weights = [[1.0 / len(refs)] * len(refs) for refs in references]
+        weight = self.policy.model.get_output_embeddings().weight
+        ctx = StepContext(step=0, policy=self.policy, temperature=self.temperature, device=weight.device)
+        counts: dict = {}
+        scores = verifree_scores(self.policy, self.tokenizer, prompt_ids,
+                                 [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
+                                 references, weights, ctx, marker=self.marker, answer_template=self.answer_template,
+                                 max_seq_len=self.max_seq_len, token_budget=self.token_budget, counts=counts)
+        for key, n in counts.items():
+            self.count(key, n)
         self.count("scored", len(completions))
-        return scores
+        return scores.tolist()
 
 
 __all__ = ["VerifreeVerifier"]

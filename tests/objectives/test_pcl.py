@@ -122,7 +122,9 @@ def test_verifree_accuracy_is_the_reference_probability():
     obj.score(samples, ctx)
     acc = [a for a, _ in obj._truth]
     want = verifree_scores(policy, tok, [s.prompt_ids for s in samples], [s.ids[:s.answer_end] for s in samples],
-                           [s.example for s in samples], ctx, cfg=cfg)
+                           [s.example.answers for s in samples], [s.example.weights for s in samples], ctx,
+                           marker=cfg.marker, answer_template=cfg.answer_template, max_seq_len=cfg.max_seq_len,
+                           token_budget=cfg.micro_batch_tokens)
     assert acc == pytest.approx(want.tolist())
     assert 0 < acc[1] < acc[0] < 1  # the skipped step makes the reference less likely
 
