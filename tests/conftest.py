@@ -25,6 +25,7 @@ def native_backends():
     """(backend, device) pairs that run here: the CPU always, CUDA when built and present."""
     return [
         pytest.param("cpu", "cpu", id="cpu"),
-        pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)),
+        pytest.param("cuda", "cuda", id="cuda",
+                     marks=[pytest.mark.gpu, pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)]),
         pytest.param("reference", "cpu", id="reference"),
     ]

@@ -1,6 +1,6 @@
 """Triton kernels for per-token log-probs from hidden states, never building [N, V].
 
-Forward (one kernel, `_forward_kernel`): each program owns BLOCK_N rows and one
+Forward (one kernel, `_forward_jit`): each program owns BLOCK_N rows and one
 slice of the vocabulary. It walks its slice in BLOCK_V tiles, computes each logits
 tile hidden @ weight.T on the tensor cores with fp32 accumulation, and folds it into
 an online log-sum-exp (running max m, sum s = sum exp(z - m)) plus, for the entropy,
@@ -10,7 +10,7 @@ entropy. The target's logit is picked out of whichever tile holds it. Slices of 
 vocabulary ("splits") let small N still fill every SM; their partial statistics are
 merged by `_merge_splits` in O(N * splits).
 
-Backward (per vocabulary chunk of Vc columns, `_logits_grad_kernel` + two GEMMs):
+Backward (per vocabulary chunk of Vc columns, `_logits_grad_jit` + two GEMMs):
 the kernel recomputes the logits tile by tile and writes dL/dz straight from its
 epilogue into a [N, Vc] workspace (bounded by WORKSPACE_BYTES, never [N, V]):
 
@@ -59,20 +59,41 @@ def _configs(block_ns, block_vs, block_ks, warps, stages):
     ]
 
 
-# Hopper-oriented tiles (bf16, H in the thousands); the interpreter gets one config
-# with large tiles because it pays per Python-level operation, not per FLOP.
+# Hopper-oriented tiles. Each config here passes `python -m pyvf.kernels.triton.compile_check`
+# (sm_90a and sm_80, Triton 3.6 and 3.9): the bf16/fp16 tiles issue wgmma kept in flight across the
+# K loop, and no tile spills registers. Dropped for spilling: 128x256x64 in both kernels
+# (forward under Triton 3.9; backward with the entropy under 3.6, without it under 3.9)
+# and 128x128x128 in the forward (with the entropy, under 3.9).
+# fp32 runs exact ("ieee") dots on the FMA units, whose operand tiles live in registers:
+# it gets tiles of its own, small enough not to spill (checked for sm_80 and sm_90a).
+# The interpreter gets one config with large tiles because it pays per Python-level
+# operation, not per FLOP.
 if _INTERPRET:
     _FWD_CONFIGS = _configs([16], [256], [64], [4], [1])
     _BWD_CONFIGS = _FWD_CONFIGS
+    _FP32_CONFIGS = _FWD_CONFIGS
 else:
     _FWD_CONFIGS = _configs(
-        [128, 128, 64, 128, 64],
-        [128, 256, 256, 128, 128],
-        [64, 64, 64, 128, 64],
-        [8, 8, 8, 8, 4],
-        [4, 3, 4, 3, 4],
+        [128, 64, 64],
+        [128, 256, 128],
+        [64, 64, 64],
+        [8, 8, 4],
+        [4, 4, 4],
     )
-    _BWD_CONFIGS = _FWD_CONFIGS
+    _BWD_CONFIGS = _configs(
+        [128, 64, 128, 64],
+        [128, 256, 128, 128],
+        [64, 64, 128, 64],
+        [8, 8, 8, 4],
+        [4, 4, 3, 4],
+    )
+    _FP32_CONFIGS = _configs(
+        [64, 64, 128],
+        [32, 128, 64],
+        [32, 32, 16],
+        [4, 8, 8],
+        [2, 2, 2],
+    )
 
 
 def _autotune(configs, key):
@@ -92,6 +113,14 @@ def _interpreter_meta(configs):
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
+def kernel_configs(kernel: str, dtype: torch.dtype) -> list:
+    """The autotune configs `kernel` ("forward" or "logits_grad") runs with for inputs
+    of `dtype` (the compile check judges exactly these)."""
+    if dtype == torch.float32:
+        return _FP32_CONFIGS
+    return {"forward": _FWD_CONFIGS, "logits_grad": _BWD_CONFIGS}[kernel]
+
+
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H: tl.constexpr, stride_h, stride_w, inv_temp,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -108,9 +137,8 @@ def _logits_tile(h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H: tl.constexpr, 
     return acc * inv_temp
 
 
-@_autotune(_FWD_CONFIGS, key=["H", "V_PER_SPLIT", "WITH_ENTROPY", "PRECISION"])
 @triton.jit
-def _forward_kernel(
+def _forward_jit(
     h_ptr, w_ptr, tgt_ptr,                  # hidden [N, H], weight [V, H], targets [N]
     m_ptr, s_ptr, t_ptr, tlogit_ptr,        # partial stats [N, S]; target logit [N]
     N, V, H: tl.constexpr, stride_h, stride_w, inv_temp,
@@ -160,9 +188,8 @@ def _forward_kernel(
     tl.store(tlogit_ptr + rows, tlogit, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
 
 
-@_autotune(_BWD_CONFIGS, key=["H", "V_COUNT", "WITH_ENTROPY", "PRECISION"])
 @triton.jit
-def _logits_grad_kernel(
+def _logits_grad_jit(
     h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr,   # inputs; ent/ge only WITH_ENTROPY
     dz_ptr,                                                 # out: [N, V_COUNT] workspace
     N, V, H: tl.constexpr, stride_h, stride_w, stride_dz, inv_temp,
@@ -195,6 +222,15 @@ def _logits_grad_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+# One autotuner per config list (tensor-core dtypes, exact fp32) around the same code.
+_FWD_KEY = ["H", "V_PER_SPLIT", "WITH_ENTROPY", "PRECISION"]
+_BWD_KEY = ["H", "V_COUNT", "WITH_ENTROPY", "PRECISION"]
+_forward_kernel = _autotune(_FWD_CONFIGS, _FWD_KEY)(_forward_jit)
+_forward_kernel_fp32 = _autotune(_FP32_CONFIGS, _FWD_KEY)(_forward_jit)
+_logits_grad_kernel = _autotune(_BWD_CONFIGS, _BWD_KEY)(_logits_grad_jit)
+_logits_grad_kernel_fp32 = _autotune(_FP32_CONFIGS, _BWD_KEY)(_logits_grad_jit)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to TF32: the op promises fp32 accuracy.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -205,15 +241,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split_vocab(n: int, v: int, device: torch.device) -> tuple[int, int]:
-    """(vocabulary columns per split, number of splits) so the grid fills the GPU."""
-    if device.type != "cuda":
-        return v, 1
+def vocab_splits(n: int, v: int, sm_count: int) -> tuple[int, int]:
+    """(vocabulary columns per split, number of splits) so the forward's grid fills
+    sm_count multiprocessors (the compile check calls it with a Hopper's count)."""
     row_blocks = triton.cdiv(n, 64)
-    want = triton.cdiv(2 * _sm_count(device.index or 0), row_blocks)
+    want = triton.cdiv(2 * sm_count, row_blocks)
     splits = max(1, min(want, triton.cdiv(v, _SPLIT_ALIGN)))
     per_split = triton.cdiv(triton.cdiv(v, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return per_split, triton.cdiv(v, per_split)
+
+
+def _split_vocab(n: int, v: int, device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return v, 1
+    return vocab_splits(n, v, _sm_count(device.index or 0))
+
+
+def backward_chunk(n: int, v: int, element_size: int) -> int:
+    """Vocabulary columns per backward chunk: the [n, chunk] dL/dz workspace stays
+    within WORKSPACE_BYTES, in whole multiples of the split alignment."""
+    chunk = max(_SPLIT_ALIGN, (WORKSPACE_BYTES // max(1, n * element_size)) // _SPLIT_ALIGN * _SPLIT_ALIGN)
+    return min(chunk, v)
 
 
 def _merge_splits(m, s, t, with_entropy):
@@ -242,11 +290,12 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
     t = torch.empty((n, splits), **f32) if with_entropy else m
     tlogit = torch.empty(n, **f32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _forward_kernel[grid](
+    kernel = _forward_kernel_fp32 if hidden.dtype == torch.float32 else _forward_kernel
+    kernel[grid](
         hidden, weight, targets, m, s, t, tlogit,
         n, v, h, hidden.stride(0), weight.stride(0), inv_temp, per_split,
         WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
-        **_interpreter_meta(_FWD_CONFIGS),
+        **_interpreter_meta(kernel_configs("forward", hidden.dtype)),
     )
     lse, entropy = _merge_splits(m, s, t, with_entropy)
     return tlogit - lse, lse, entropy
@@ -300,22 +349,22 @@ def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, inv
     d_weight = torch.empty_like(weight)
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     d_hidden = torch.zeros((n, h), dtype=acc_dtype, device=hidden.device)
-    chunk = max(_SPLIT_ALIGN, (WORKSPACE_BYTES // max(1, n * hidden.element_size())) // _SPLIT_ALIGN * _SPLIT_ALIGN)
-    chunk = min(chunk, v)
+    chunk = backward_chunk(n, v, hidden.element_size())
     workspace = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
     grad_logp = grad_logp.float().contiguous()
     ent_arg = entropy if with_entropy else lse
     ge_arg = grad_entropy.float().contiguous() if with_entropy else grad_logp
+    kernel = _logits_grad_kernel_fp32 if hidden.dtype == torch.float32 else _logits_grad_kernel
     for v_start in range(0, v, chunk):
         count = min(chunk, v - v_start)
         dz = workspace[:, :count]
         grid = lambda meta, count=count: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(count, meta["BLOCK_V"]))  # noqa: E731
-        _logits_grad_kernel[grid](
+        kernel[grid](
             hidden, weight, targets, lse, ent_arg, grad_logp, ge_arg, workspace,
             n, v, h, hidden.stride(0), weight.stride(0), workspace.stride(0), inv_temp,
             v_start, count,
             WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
-            **_interpreter_meta(_BWD_CONFIGS),
+            **_interpreter_meta(kernel_configs("logits_grad", hidden.dtype)),
         )
         torch.mm(dz.t(), hidden, out=d_weight[v_start:v_start + count])
         _add_matmul(d_hidden, dz, weight[v_start:v_start + count])

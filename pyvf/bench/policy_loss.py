@@ -1,13 +1,13 @@
 """The training pass of the lm_head, forward+backward of sum_t c_t log p(t) from hidden
 states: policy_loss (one fused pass, 6NHV) against token_logprobs + autograd (8NHV),
-full logits, torch.compile chunked, Liger's fused linear cross entropy and Cut
-Cross-Entropy with and without its gradient filter. TFLOP/s are counted 6NHV for
-everyone.
+full logits, torch.compile chunked, Liger's fused linear cross entropy, Cut
+Cross-Entropy with and without its gradient filter and QuACK's chunked linear cross
+entropy. TFLOP/s are counted 6NHV for everyone.
 
 Each factory in POLICY_LOSS_IMPLS returns fn(hidden, weight, targets, coeffs) -> scalar
 loss, or raises ImportError when the peer is not installed. Liger's fused linear cross
-entropy takes no per-token coefficients (its gradient is computed in forward for a
-plain sum), so it runs reduction="sum": the same work, minus the coefficients.
+entropy and QuACK's take no per-token coefficients (their gradient is computed for a
+plain sum), so they run reduction="sum": the same work, minus the coefficients.
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def _liger():
     return lambda h, w, t, c: -liger_fused_linear_cross_entropy(h, w, t, reduction="sum")
 
 
+def _quack():
+    # QuACK (Dao AI Lab, CuTe DSL kernels for Hopper): chunked linear cross entropy; on
+    # SM90 with bf16 and V % 128 == 0 it takes its fused scaled-exp backward. A plain
+    # sum, like Liger's, so the same work minus the coefficients.
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+    return lambda h, w, t, c: -chunked_linear_cross_entropy(h, w, t, reduction="sum")
+
+
 def _cut_cross_entropy(filter_eps):
     def factory():
         from cut_cross_entropy import linear_cross_entropy
@@ -73,14 +82,17 @@ POLICY_LOSS_IMPLS: dict[str, Callable[[], Callable]] = {
     # filter_eps=None does the full backward.
     "cut-cross-entropy": _cut_cross_entropy("default"),
     "cut-cross-entropy-nofilter": _cut_cross_entropy(None),
+    "quack-lce": _quack,
 }
 IMPLS = tuple(POLICY_LOSS_IMPLS)
 
 
 def bench_policy_loss(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, impls=None,
-                      repeats: int = 10) -> list[Record]:
+                      repeats: int = 10, warmup: int = 2,
+                      on_record: Callable[[Record], None] | None = None) -> list[Record]:
     """One forward+backward Record per implementation; peers that are missing, fail or
-    run out of memory are recorded with a status."""
+    run out of memory are recorded with a status. `on_record` sees each Record as soon
+    as it is measured (the GPU script saves it there, so a timeout keeps it)."""
     hidden, weight, targets = lm_head_inputs(n, h, v, dtype, device)
     coeffs = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
     records = []
@@ -90,15 +102,18 @@ def bench_policy_loss(n: int, h: int, v: int, dtype: torch.dtype, device: torch.
             fn = POLICY_LOSS_IMPLS[name]()
         except ImportError as e:
             rec.status = f"skipped: not installed ({e.name or e})"
-            records.append(rec)
-            continue
+        except Exception as e:  # noqa: BLE001 - a peer that is installed but cannot load is a result
+            rec.status = f"skipped: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        else:
+            def call(fn=fn):
+                hidden.grad = weight.grad = None
+                fn(hidden, weight, targets, coeffs).backward()
 
-        def call(fn=fn):
+            measure(rec, call, device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats, warmup=warmup)
             hidden.grad = weight.grad = None
-            fn(hidden, weight, targets, coeffs).backward()
-
-        records.append(measure(rec, call, device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats))
-        hidden.grad = weight.grad = None
+        records.append(rec)
+        if on_record is not None:
+            on_record(rec)
     return records
 
 

@@ -5,6 +5,9 @@ full logits. Qwen3 shapes initialized at random, or the shipped model ("builtin"
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 from pyvf.bench import Record, default_dtype, dtype_name, peak_memory_bytes, random_packed_batch, time_ms
@@ -77,46 +80,92 @@ def train_step_fn(model, batch, impl: str):
 
 
 def bench_train_step(shape: str, n_seq: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-                     vocab: int = 151936, impls=None) -> list[Record]:
+                     vocab: int = 151936, impls=None, model=None, repeats: int | None = None,
+                     on_record: Callable[[Record], None] | None = None) -> list[Record]:
     """Tokens/s and peak memory of one training step, pyvf's fused path against the
-    same step through the model's full logits (`ms` per step)."""
-    model = _qwen3(shape, vocab, dtype, device)
+    same step through the model's full logits (`ms` per step). `model` reuses one made
+    by `_qwen3`; `on_record` sees each Record as soon as it is measured."""
+    model = model if model is not None else _qwen3(shape, vocab, dtype, device)
     vocab = model.config.vocab_size  # the shipped model has its own
     batch = random_packed_batch(n_seq, seq_len, vocab, 8, device)
+    repeats = repeats or (3 if device.type == "cuda" else 5)
     records = []
     for impl in impls or STEP_IMPLS:
         rec = Record("train_step", impl, "fwdbwd", n_seq * seq_len, model.config.hidden_size, vocab,
                      dtype_name(dtype), None, None, None)
         try:
             step = train_step_fn(model, batch, impl)
-            rec.ms = time_ms(step, device, repeats=3 if device.type == "cuda" else 5, warmup=1)
+            rec.ms = time_ms(step, device, repeats=repeats, warmup=1)
             rec.peak_mem_bytes = peak_memory_bytes(step, device)
             rec.tokens_per_s = n_seq * seq_len / (rec.ms / 1e3)
         except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            rec.ms = None
             rec.status = "out of memory"
         records.append(rec)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_record is not None:
+            on_record(rec)
     return records
+
+
+def search_longest(model, impl: str, device: torch.device, n_seq: int = 1, start: int = 1024,
+                   limit: int = 262144, time_budget_s: float | None = None) -> dict:
+    """The longest sequence (doubling from `start`, at most `limit`) whose training step
+    fits in memory, for `model` and `impl`. With `time_budget_s`, stops before a length
+    whose step would not finish in the time left, predicting 4x the last step (attention
+    is quadratic in the length).
+
+    Returns {"longest", "stopped_by", "steps", "memory_extrapolated"}: stopped_by is
+    "out of memory", "limit" or "time budget"; steps lists [tokens, seconds, peak bytes]
+    per length tried that fitted; on a GPU, when the search stopped before running out of
+    memory, memory_extrapolated is the length at which the peak memory of the last two
+    steps, growing linearly, would reach the device's memory (an estimate, not a run)."""
+    vocab = model.config.vocab_size
+    start_time = time.perf_counter()
+    best, length, steps, stopped_by = 0, start, [], "limit"
+    while length <= limit:
+        try:
+            batch = random_packed_batch(n_seq, length, vocab, 8, device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            train_step_fn(model, batch, impl)()
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device)
+            steps.append([length, round(time.perf_counter() - t0, 3), peak])
+            best = length
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)  # what the failed step left behind
+            stopped_by = "out of memory"
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        length *= 2
+        if time_budget_s is not None and length <= limit:
+            left = time_budget_s - (time.perf_counter() - start_time)
+            if 4 * steps[-1][1] > left:
+                stopped_by = "time budget"
+                break
+    extrapolated = None
+    if device.type == "cuda" and stopped_by != "out of memory" and len(steps) >= 2:
+        (l0, _, m0), (l1, _, m1) = steps[-2], steps[-1]
+        per_token = (m1 - m0) / (l1 - l0)
+        if per_token > 0:
+            total = torch.cuda.get_device_properties(device).total_memory
+            extrapolated = int(l1 + (total - m1) / per_token)
+    return {"longest": best, "stopped_by": stopped_by, "steps": steps, "memory_extrapolated": extrapolated}
 
 
 def longest_trainable(shape: str, impl: str, device: torch.device, dtype: torch.dtype, n_seq: int = 8,
                       start: int = 1024, limit: int = 262144) -> int:
     """The longest sequence (doubling from `start`) whose training step fits in memory."""
     model = _qwen3(shape, 151936, dtype, device)
-    best, length = 0, start
-    while length <= limit:
-        try:
-            batch = random_packed_batch(n_seq, length, 151936, 8, device)
-            train_step_fn(model, batch, impl)()
-            best = length
-            length *= 2
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return best
+    return search_longest(model, impl, device, n_seq=n_seq, start=start, limit=limit)["longest"]
 
 
 def default_cases(device: torch.device) -> list[tuple[str, int, int]]:
