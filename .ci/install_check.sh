@@ -70,7 +70,8 @@ for name in sorted(n.rstrip(".") for n in expected):
     if src in pathlib.Path(module.__file__).resolve().parents:
         sys.exit(f"{name} imported from the source tree")
 data = [installed / "assets" / "tokenizer" / "tokenizer.json", installed / "assets" / "model" / "config.json",
-        installed / "assets" / "model" / "model.safetensors", installed / "kernels" / "triton" / "token_logprobs.py"]
+        installed / "assets" / "model" / "model.safetensors", installed / "kernels" / "triton" / "token_logprobs.py",
+        installed / "data" / "rubrics" / "story.yaml"]
 missing = [str(p) for p in data if not p.is_file()]
 if missing:
     sys.exit(f"package data missing from the installed copy: {missing}")

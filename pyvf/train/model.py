@@ -28,7 +28,12 @@ BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 
 
 def resolve_model_path(spec: str) -> Path:
+    """"builtin", a Hugging Face model directory, or a pyvf run directory (its latest
+    checkpoint)."""
     path = BUILTIN_MODEL_DIR if spec == "builtin" else Path(spec)
+    latest = path / "checkpoints" / "latest"
+    if not (path / "config.json").is_file() and latest.is_file():
+        path = path / "checkpoints" / latest.read_text().strip()
     if not (path / "config.json").is_file():
         if spec == "builtin":
             raise ValueError(f"the built-in model is missing from {path}; rebuild it with "
