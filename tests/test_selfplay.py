@@ -11,7 +11,7 @@ from pyvf.train import selfplay as selfplay_mod
 from pyvf.train.config import ConfigError
 from pyvf.train.selfplay import SelfPlayConfig, selfplay
 
-TINY = dict(challenger_steps=2, solver_steps=2, questions=12, solver_samples=4, prompts_per_step=2,
+TINY = dict(challenger_steps=2, solver_steps=2, questions=8, solver_samples=3, prompts_per_step=2,
             challenger_group_size=2, solver_group_size=2, max_new_tokens=40, eval_questions=0, progress=False,
             lr=1e-4, band_low=0.0, band_high=1.0)
 
@@ -52,7 +52,7 @@ def test_selfplay_resumes_exactly(tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), role
 
     # Other settings in the same directory are refused.
-    with pytest.raises(ConfigError, match="questions 12 -> 13"):
+    with pytest.raises(ConfigError, match="questions 8 -> 13"):
         selfplay(SelfPlayConfig(output_dir=str(part), iterations=2, **{**TINY, "questions": 13}))
 
 
