@@ -53,8 +53,11 @@ def held_out_accuracy(model_path: str, n: int, prompt_template: str = "") -> flo
 def run(method: str, seed: int, steps: int, out: Path, n_eval: int) -> float:
     """Trains one method from the shipped model; returns its held-out accuracy."""
     if method == "rzero":
+        import shutil
+
         from pyvf.train.selfplay import SelfPlayConfig, selfplay
 
+        shutil.rmtree(out, ignore_errors=True)  # a self-play directory would otherwise be continued
         state = selfplay(SelfPlayConfig(output_dir=str(out), seed=seed, eval_questions=0, progress=False))
         return held_out_accuracy(state["solver"], n_eval)
     cfg = config_mod.from_dict({**BASE, "objective": method, "seed": seed, "max_steps": steps,

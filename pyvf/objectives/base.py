@@ -174,6 +174,17 @@ class Objective:
         return default if value is None else value
 
 
+def index_in_group(samples: list[Sample]) -> list[int]:
+    """Each sample's position among the samples of its group, in order: with the group
+    id, a key that does not depend on the rank or on how the step is split."""
+    seen: dict[int, int] = {}
+    out = []
+    for s in samples:
+        out.append(seen.get(s.group, 0))
+        seen[s.group] = out[-1] + 1
+    return out
+
+
 def add_metric(metrics: dict, key: str, total: float, count: float, *, root: bool = False) -> None:
     """Adds to a running (sum, count) metric of a step; the trainer sums both over
     micro-batches and ranks and reports sum / count (its square root with `root`)."""

@@ -27,7 +27,9 @@ from collections import abc
 import torch
 
 from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE
-from pyvf.objectives.base import MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric
+from pyvf.objectives.base import (
+    MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric, index_in_group,
+)
 from pyvf.packing import ROLE_POST, Sequence
 
 
@@ -138,14 +140,14 @@ class PCL(Objective):
         from pyvf.train.rollout import continuation_seed
 
         cfg = self.cfg
-        todo = [i for i, s in enumerate(samples) if s.finish == "stop"]
-        room = [cfg.max_seq_len - len(samples[i].prompt_ids) - len(samples[i].ids) for i in todo]
-        todo = [i for i, r in zip(todo, room) if r > 0]
+        todo = [i for i, s in enumerate(samples)
+                if s.finish == "stop" and cfg.max_seq_len - len(s.prompt_ids) - len(s.ids) > 0]
+        within = index_in_group(samples)
         out = list(samples)
         outputs = engine.generate([samples[i].prompt_ids + samples[i].ids for i in todo], 1,
                                   max_new_tokens=cfg.pcl_evaluation_tokens, temperature=cfg.temperature,
-                                  seeds=[continuation_seed(cfg.seed, ctx.step, samples[i].group, i) for i in todo],
-                                  stop=(), min_new_tokens=1)
+                                  seeds=[continuation_seed(cfg.seed, ctx.step, samples[i].group, within[i])
+                                         for i in todo], stop=(), min_new_tokens=1)
         for i, (c,) in zip(todo, outputs):
             s = samples[i]
             logprobs = None if s.rollout_logprobs is None or c.logprobs is None else s.rollout_logprobs + c.logprobs
@@ -180,6 +182,9 @@ class PCL(Objective):
         answer_texts = [tok.decode(a, skip_special_tokens=True) for a, _ in parts]
         post_texts = [tok.decode(p, skip_special_tokens=True) for _, p in parts]
         accuracy = self.accuracy(samples, [a for a, _ in parts], ctx).double()
+        # An answer cut at the length limit scores 0 (VeriFree's rule: the spliced
+        # reference would otherwise make a half-written answer look right).
+        accuracy[torch.tensor([s.answer_end is None and s.truncated for s in samples], dtype=torch.bool)] = 0.0
         answer_format = torch.tensor([pcl_answer_format(t) for t in answer_texts], dtype=torch.float64)
         full_format = torch.tensor([pcl_full_format(a, p) if s.answer_end is not None else 0.0
                                     for a, p, s in zip(answer_texts, post_texts, samples)], dtype=torch.float64)

@@ -22,13 +22,14 @@ import torch
 
 from pyvf.data.answers import equivalent_pair, last_boxed
 from pyvf.data.synthetic import QUESTION_PROMPT
-from pyvf.objectives.base import Objective, Sample, StepContext, add_metric
+from pyvf.objectives.base import Objective, Sample, StepContext, add_metric, index_in_group
 
 _QUESTION_BLOCK = re.compile(r"<question>(.*?)</question>", re.DOTALL)
 
 BAND = (0.3, 0.8)                  # official solver_train.sh: 0.3 <= p_hat <= 0.8
 BLEU_DISTANCE_THRESHOLD = 0.5      # official caller_penalty.py: distance_threshold=0.5, linkage="average"
 MALFORMED_REWARD = -1.0
+QUESTION_STOP = "</question>"      # where the challenger's output ends, in training and in `pyvf selfplay`
 
 
 def extract_question(text: str) -> str | None:
@@ -44,7 +45,7 @@ def _same_answer(a: str, b: str) -> bool:
     return equivalent_pair(a, b) or equivalent_pair(b, a)
 
 
-def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, float]:
+def pseudo_label(answers: Sequence[str | None]) -> tuple[str | None, float]:
     """(majority answer, p_hat) of the solver's m answers. Each answer joins the first
     earlier cluster whose first member it is equivalent to; a missing answer (None)
     counts, in a cluster of its own, as the official code counts "None"; the largest
@@ -110,29 +111,38 @@ def average_linkage_clusters(distances: torch.Tensor, threshold: float = BLEU_DI
     """Cluster label of each item: agglomerative clustering with average linkage,
     merging the closest pair of clusters while their mean pairwise distance is below
     `threshold` (sklearn's AgglomerativeClustering(distance_threshold=...,
-    linkage="average"), which the official code uses). Labels number clusters in the
-    order of their first member."""
+    linkage="average"), which the official code uses). The distances between clusters
+    are updated in place (Lance-Williams: the merged cluster's distance to another is
+    the size-weighted mean of its parts'), O(n^2) per merge. Labels number clusters in
+    the order of their first member."""
     n = distances.shape[0]
     if distances.shape != (n, n):
         raise ValueError(f"distances must be a square matrix, got {tuple(distances.shape)}")
-    d = distances.double()
-    clusters = [[i] for i in range(n)]
-    while len(clusters) > 1:
-        best, pair = None, None
-        for a in range(len(clusters)):
-            for b in range(a + 1, len(clusters)):
-                mean = float(d[clusters[a]][:, clusters[b]].mean())
-                if best is None or mean < best:
-                    best, pair = mean, (a, b)
-        if best >= threshold:
+    d = distances.double().clone()
+    d.fill_diagonal_(float("inf"))
+    size = torch.ones(n, dtype=torch.float64)
+    parent = list(range(n))
+    for _ in range(n - 1):
+        k = int(torch.argmin(d))
+        a, b = divmod(k, n)
+        if not d[a, b] < threshold:
             break
-        a, b = pair
-        clusters[a] = sorted(clusters[a] + clusters[b])
-        del clusters[b]
-    labels = [0] * n
-    for k, members in enumerate(sorted(clusters, key=min)):
-        for i in members:
-            labels[i] = k
+        a, b = min(a, b), max(a, b)
+        merged = (size[a] * d[a] + size[b] * d[b]) / (size[a] + size[b])
+        d[a], d[:, a] = merged, merged
+        d[b], d[:, b] = float("inf"), float("inf")
+        d[a, a] = float("inf")
+        size[a] += size[b]
+        parent[b] = a
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    labels, first = [], {}
+    for i in range(n):
+        labels.append(first.setdefault(root(i), len(first)))
     return labels
 
 
@@ -192,7 +202,7 @@ class Solver:
         cfg = self.cfg
         outputs = self.engine.generate([self.prompt_ids(q) for q in questions], m, max_new_tokens=cfg.max_new_tokens,
                                        temperature=1.0, seeds=seeds, stop=cfg.stop_strings())
-        return [majority_vote([last_boxed(self.tokenizer.decode(c.ids, skip_special_tokens=True)) for c in row])
+        return [pseudo_label([last_boxed(self.tokenizer.decode(c.ids, skip_special_tokens=True)) for c in row])
                 for row in outputs]
 
 
@@ -216,12 +226,7 @@ class RZeroChallenger(Objective):
 
         cfg = self.cfg
         questions = [extract_question(self.tokenizer.decode(s.ids, skip_special_tokens=True)) for s in samples]
-        within: dict[int, int] = {}
-        seeds = []
-        for s in samples:  # the sample's index in its group: its seed does not depend on the rank
-            j = within.get(s.group, 0)
-            within[s.group] = j + 1
-            seeds.append(continuation_seed(cfg.seed, ctx.step, s.group, j))
+        seeds = [continuation_seed(cfg.seed, ctx.step, s.group, j) for s, j in zip(samples, index_in_group(samples))]
         valid = [i for i, q in enumerate(questions) if q is not None]
         votes = self.solver.vote([questions[i] for i in valid], [seeds[i] for i in valid], cfg.solver_samples)
         p_hat = [0.0] * len(samples)

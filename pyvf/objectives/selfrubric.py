@@ -71,18 +71,15 @@ class SelfRubric(Objective):
         self.rater = None
 
     def attach(self, policy) -> None:
+        from pyvf.verify.rubric import SelfRubric as RubricVerifier, model_rater
+
+        rate = None
         if self.cfg.rater != "self":
             self.rater = copy.deepcopy(policy.model).eval().requires_grad_(False)
-
-    def _rate(self, prompts: list[str], completions: list[str]) -> list[str]:
-        """The texts the ratings are read from: the completions themselves, or the rater
-        copy's greedy continuation of prompt + answer + newline."""
-        if self.rater is None:
-            return completions
-        from pyvf.verify.rubric import answer_part, default_rating_prompt, model_rater
-
-        rate = model_rater(self.rater, self.tokenizer, max_new_tokens=self.cfg.max_new_tokens)
-        return rate([default_rating_prompt(p, answer_part(c)) for p, c in zip(prompts, completions)])
+            rate = model_rater(self.rater, self.tokenizer, max_new_tokens=self.cfg.max_new_tokens)
+        # The rating as pyvf.verify reads it: from the completion itself, or from the
+        # rater copy's continuation of prompt + answer + newline.
+        self.verifier = RubricVerifier(self.rubric, rate=rate)
 
     @torch.no_grad()
     def _sync_rater(self, ctx: StepContext) -> None:
@@ -95,19 +92,14 @@ class SelfRubric(Objective):
                 p.mul_(alpha).add_(full[name].to(p.device, p.dtype), alpha=1 - alpha)
 
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
-        from pyvf.verify.rubric import read_ratings
-
         cfg, tok = self.cfg, self.tokenizer
         if cfg.rater == "proxy" and ctx.step > 1 and (ctx.step - 1) % cfg.proxy_sync_every == 0:
             self._sync_rater(ctx)
-        prompts = [tok.decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
+        prompts = [tok.decode(s.prompt_ids, skip_special_tokens=False) for s in samples]
         completions = [tok.decode(s.ids, skip_special_tokens=True) for s in samples]
-        ratings, unparsable = [], 0
-        for text in self._rate(prompts, completions):
-            parsed, _ = read_ratings(text, self.rubric)
-            unparsable += parsed is None
-            ratings.append(0.0 if parsed is None else self.rubric.score(parsed))
-        ratings = torch.tensor(ratings, dtype=torch.float64)
+        self.verifier.reset_stats()
+        ratings = torch.tensor(self.verifier(prompts, completions) if samples else [], dtype=torch.float64)
+        unparsable = self.verifier.stats.get("unparsable", 0)
         groups = torch.tensor([s.group for s in samples], dtype=torch.long)
         rank = ranking_term(ratings, groups)
         n, m = len(samples), ctx.metrics

@@ -9,7 +9,12 @@ VeriFree scores a completion, but after the PLAIN task prompt, the reference abs
 
 so a rationale scores high only when its reasoning, read without the hint, leads to
 the reference. A rationale forced onto the answer (reasoning that goes elsewhere, then
-the reference asserted) scores low. Rationales that give the reference away are
+the reference asserted) scores low. The score only sees what the reasoning leads to,
+so a rationale with a slip early on (13 + 19 = 34. 34 - 8 = 24. 24 / 8 = 3.) can score
+as high as a clean one; by default (`select="score_x_plausibility"`) the best is the
+one with the highest score x plausibility, the geometric-mean probability of the
+rationale's tokens after the plain prompt (a slip is an unlikely token there), and
+`select="score"` ranks by the score alone. Rationales that give the reference away are
 dropped before scoring (`leak_reason`): they would teach the model to state answers it
 has not derived. The best rationale per question is kept and written as a row that
 `pyvf sft` trains on (its `completion`: the rationale, then the answer block with the
@@ -23,6 +28,7 @@ every sample was dropped get no row (`questions_without_rationale`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -108,10 +114,18 @@ def leak_reason(rationale: str, references, *, question: str = "") -> str | None
 
 @dataclass
 class Candidate:
-    text: str        # the rationale: the completion before the marker
-    score: float     # sum_k w_k pi(y*_k | plain prompt, rationale)
+    text: str            # the rationale: the completion before the marker
+    score: float         # sum_k w_k pi(y*_k | plain prompt, rationale)
+    plausibility: float  # exp(mean log pi(z_t | plain prompt, z_<t)) over the rationale (1.0 when not computed)
+
+    @property
+    def key(self) -> float:
+        return self.score * self.plausibility
 
 
+# How the best rationale of a question is chosen: by its score alone, or by the score
+# times the rationale's plausibility without the hint (see `rationalize`).
+SELECT = ("score", "score_x_plausibility")
 COUNT_KEYS = ("questions", "samples", "scored", "leak_mentions", "leak_early", "no_marker",
               "questions_without_rationale", "rows")
 
@@ -120,7 +134,7 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
                 temperature: float = 1.0, batch_size: int = 16, prompt_template: str = "",
                 chat_template: str = "auto", system_prompt: str = "", assistant_prefix: str = "",
                 rationalize_template: str | None = None, min_score: float = 0.0, max_seq_len: int = 512,
-                engine=None, progress=None) -> tuple[list[dict], dict]:
+                select: str = "score_x_plausibility", engine=None, progress=None) -> tuple[list[dict], dict]:
     """Writes `samples` reference-guided rationales per example and keeps the best.
 
     The rationale prompt is `rationalize_template` (default RATIONALIZE_TEMPLATE, with
@@ -132,19 +146,23 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
 
     Returns (rows, counts): one row per kept question with `question`, `answer` (the
     references), `rationale`, `completion` (rationale + marker + answer block with the
-    first reference: what SFT trains on), `score` and `candidates` (rationales scored
-    for that question); counts as in the module docstring. `progress(done, total, counts)` is
-    called after each batch of questions. `engine` samples (a `RolloutEngine`; default
-    HFGenerate over `model`)."""
+    first reference: what SFT trains on), `score`, `plausibility` (1.0 under
+    select="score") and `candidates` (rationales scored for that question); counts as
+    in the module docstring. `select` ranks a question's rationales (module docstring).
+    `progress(done, total, counts)` is called after each batch of questions. `engine`
+    samples (a `RolloutEngine`; default HFGenerate over `model`)."""
     from pyvf.chat import render_prompt_ids, stop_token_ids
     from pyvf.data.synthetic import RATIONALIZE_TEMPLATE
-    from pyvf.objectives.base import StepContext
+    from pyvf.objectives.base import StepContext, score_rows
     from pyvf.objectives.verifree import verifree_scores
+    from pyvf.packing import Sequence
     from pyvf.splice import splice_reference
     from pyvf.train.config import TrainConfig
     from pyvf.train.policy import Policy
     from pyvf.train.rollout import HFGenerate, prompt_seed
 
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
     for name, value in (("samples", samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -156,7 +174,9 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
         raise ValueError(f"examples: rationales are written toward a reference answer; example {missing[0]} "
                          f"({len(missing)} in all) has none")
 
-    cfg = TrainConfig(max_seq_len=max_seq_len)  # the marker and answer template of training
+    defaults = TrainConfig()  # the marker and answer template of training
+    marker, answer_template = defaults.marker, defaults.answer_template
+    token_budget = max(defaults.micro_batch_tokens, max_seq_len)
     policy = Policy(model)
     device = model.get_output_embeddings().weight.device
     ctx = StepContext(step=0, policy=policy, temperature=1.0, device=device)
@@ -175,18 +195,18 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
         seeds = [prompt_seed(seed, 0, start + j) for j in range(len(batch))]
         outputs = engine.generate(guided, samples, max_new_tokens=max_new_tokens, temperature=temperature,
                                   seeds=seeds, stop=["</answer>"])
-        kept_prompts, kept_ids, kept_examples, kept_owner, kept_text = [], [], [], [], []
+        kept_prompts, kept_ids, kept_examples, kept_owner, kept_text, kept_reasoning = [], [], [], [], [], []
         for j, (ex, completions) in enumerate(zip(batch, outputs)):
             for completion in completions:
                 counts["samples"] += 1
-                spliced = splice_reference(tokenizer, completion.ids, [ex.answers[0]], marker=cfg.marker,
-                                           answer_template=cfg.answer_template)[0]
+                spliced = splice_reference(tokenizer, completion.ids, [ex.answers[0]], marker=marker,
+                                           answer_template=answer_template)[0]
                 if not spliced.found:
                     counts["no_marker"] += 1
                     continue
                 text = tokenizer.decode(spliced.reasoning_ids, skip_special_tokens=False,
                                         clean_up_tokenization_spaces=False)
-                rationale = text[:len(text) - len(cfg.marker)] if text.endswith(cfg.marker) else text
+                rationale = text[:len(text) - len(marker)] if text.endswith(marker) else text
                 reason = leak_reason(rationale, ex.answers, question=ex.question)
                 if reason is not None:
                     counts[f"leak_{reason}"] += 1
@@ -196,22 +216,33 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
                 kept_examples.append(ex)
                 kept_owner.append(j)
                 kept_text.append(rationale)
-        scores = verifree_scores(policy, tokenizer, kept_prompts, kept_ids, kept_examples, ctx, cfg=cfg) \
-            if kept_ids else torch.zeros(0, dtype=torch.float64)
+                kept_reasoning.append(spliced.reasoning_ids)
+        scores = verifree_scores(policy, tokenizer, kept_prompts, kept_ids, [ex.answers for ex in kept_examples],
+                                 [ex.weights for ex in kept_examples], ctx, marker=marker,
+                                 answer_template=answer_template, max_seq_len=max_seq_len,
+                                 token_budget=token_budget) if kept_ids else torch.zeros(0, dtype=torch.float64)
         counts["scored"] += len(kept_ids)
+        plausibility = [1.0] * len(kept_ids)
+        if select == "score_x_plausibility" and kept_ids:
+            with torch.no_grad():
+                rationales = [Sequence(p, r, [], group=0) for p, r in zip(kept_prompts, kept_reasoning)]
+                logprobs = score_rows(policy, rationales, ctx, token_budget)
+            plausibility = [math.exp(float(lp.mean())) for lp in logprobs]
         best: dict[int, Candidate] = {}
         candidates: dict[int, int] = {}
-        for j, text, score in zip(kept_owner, kept_text, scores.tolist()):
+        for j, text, score, plausible in zip(kept_owner, kept_text, scores.tolist(), plausibility):
             candidates[j] = candidates.get(j, 0) + 1
-            if j not in best or score > best[j].score:  # ties: the first sample
-                best[j] = Candidate(text, score)
+            candidate = Candidate(text, score, plausible)
+            if j not in best or candidate.key > best[j].key:  # ties: the first sample
+                best[j] = candidate
         for j, ex in enumerate(batch):
             if j not in best or best[j].score < min_score:
                 counts["questions_without_rationale"] += 1
                 continue
-            completion_text = best[j].text + cfg.marker + cfg.answer_template.format(ref=ex.answers[0])
+            completion_text = best[j].text + marker + answer_template.format(ref=ex.answers[0])
             rows.append({"question": ex.question, "answer": list(ex.answers), "rationale": best[j].text,
-                         "completion": completion_text, "score": best[j].score, "candidates": candidates[j]})
+                         "completion": completion_text, "score": best[j].score,
+                         "plausibility": best[j].plausibility, "candidates": candidates[j]})
         if progress is not None:
             progress(min(start + batch_size, len(examples)), len(examples), counts)
     counts["rows"] = len(rows)
@@ -250,4 +281,5 @@ class Progress:
               f"{dropped} dropped ({time.time() - self.start:.0f} s)", file=self.stream, flush=True)
 
 
-__all__ = ["COUNT_KEYS", "LEAK_PHRASES", "Progress", "counts_path", "leak_reason", "rationalize", "split_steps", "write_jsonl"]
+__all__ = ["COUNT_KEYS", "LEAK_PHRASES", "Progress", "counts_path", "leak_reason", "rationalize", "split_steps",
+           "write_jsonl"]

@@ -175,14 +175,15 @@ def _all_done(done: bool, synced: bool, device) -> bool:
 @torch.no_grad()
 def decode_batch(model, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
                  keys: list[int] | None, stop_token_ids: list[int], stop_checker: StopChecker,
-                 pad_id: int = 0, synced: bool = False, min_new_tokens: int = 0
+                 pad_id: int = 0, synced: bool = False, min_new_tokens: int = 0, idle: bool = False
                  ) -> list[tuple[list[int], str, list[float]]]:
     """The decoding loop shared by sampling and greedy decoding: the prompts left-padded
     into one batch and prefilled once, their KV cache repeated n times, then one token per
     step for every unfinished row (finished rows leave the batch). Row i * n + j is sample
     j of prompt i; it draws with Gumbel noise from keys[i * n + j] (greedy when keys is
-    None). EOS ids are masked out for the first `min_new_tokens` steps. Returns (ids,
-    finish, logprobs) per row."""
+    None). EOS ids are masked out for the first `min_new_tokens` steps. `idle`: a synced
+    rank with nothing to decode steps along with placeholder rows until every rank is
+    done. Returns (ids, finish, logprobs) per row."""
     from transformers import DynamicCache
 
     device = model.get_output_embeddings().weight.device
@@ -213,7 +214,8 @@ def decode_batch(model, prompts: list[list[int]], n: int, *, max_new_tokens: int
         out_ids: list[list[int]] = [[] for _ in range(rows)]
         out_lp: list[list[float]] = [[] for _ in range(rows)]
         finish = ["length"] * rows
-        active = list(range(rows))  # the output row of each batch row
+        # The output row of each batch row; an idle rank's one row is a placeholder from the start.
+        active = [-1] * rows if idle else list(range(rows))
         for step in range(max_new_tokens):
             scores = logits.float() / temperature if keys is not None else logits.float()
             # Log-probs of the model's own distribution (the trainer's), also where EOS is masked.
@@ -281,10 +283,10 @@ class HFGenerate:
         validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens)
         stop = list(stop)
         if not prompts:
-            if self.synced:  # the other ranks decode: step along with one throwaway row
+            if self.synced:  # the other ranks may decode: step along until they are done
                 decode_batch(self.model, [[self.pad_id]], 1, max_new_tokens=max_new_tokens, temperature=temperature,
                              keys=[0], stop_token_ids=self.stop_token_ids, stop_checker=StopChecker(self.tokenizer, []),
-                             pad_id=self.pad_id, synced=True)
+                             pad_id=self.pad_id, synced=True, idle=True)
             return []
         keys = [row_key(int(seed), j) for seed in seeds for j in range(n)]
         rows = decode_batch(self.model, [list(p) for p in prompts], n, max_new_tokens=max_new_tokens,

@@ -55,11 +55,12 @@ class SelfPlayConfig:
     max_new_tokens: int = 48
     max_seq_len: int = 256
     eval_questions: int = 200            # held-out synthetic questions to evaluate each solver on (0: none)
+    save_every: int = 5                  # checkpoint a training phase every N steps (and at its end)
     progress: bool = True
 
     def validate(self) -> "SelfPlayConfig":
         for name in ("iterations", "challenger_steps", "solver_steps", "questions", "solver_samples",
-                     "prompts_per_step", "max_new_tokens", "max_seq_len"):
+                     "prompts_per_step", "max_new_tokens", "max_seq_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("challenger_group_size", "solver_group_size"):
@@ -89,7 +90,7 @@ def _train_phase(cfg: SelfPlayConfig, out: Path, **keys) -> str:
 
     values = dict(seed=cfg.seed, prompts_per_step=cfg.prompts_per_step, lr=cfg.lr, max_new_tokens=cfg.max_new_tokens,
                   max_seq_len=cfg.max_seq_len, micro_batch_tokens=16384, progress=cfg.progress, plot=False,
-                  output_dir=str(out), **keys)
+                  save_every=cfg.save_every, output_dir=str(out), **keys)
     train_cfg = config_mod.from_dict(values)
     try:
         resume = str(checkpoint.resolve(out))
@@ -106,7 +107,7 @@ def write_questions(cfg: SelfPlayConfig, challenger: str, solver: str, path: Pat
     """The challenger writes cfg.questions questions, the solver answers each m times;
     those in the band are written with their majority answer as `answer`. Returns counts."""
     from pyvf.chat import render_prompt_ids, stop_token_ids
-    from pyvf.objectives.rzero import QUESTION_PROMPT, Solver, extract_question, in_band
+    from pyvf.objectives.rzero import QUESTION_PROMPT, QUESTION_STOP, Solver, extract_question, in_band
     from pyvf.train import config as config_mod
     from pyvf.train.model import load_model_and_tokenizer
     from pyvf.train.rollout import HFGenerate, prompt_seed
@@ -118,7 +119,7 @@ def write_questions(cfg: SelfPlayConfig, challenger: str, solver: str, path: Pat
     prompt = render_prompt_ids(tokenizer, QUESTION_PROMPT, template="{question}")
     seeds = [prompt_seed(cfg.seed, -iteration, k) for k in range(cfg.questions)]
     written = engine.generate([prompt] * cfg.questions, 1, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                              seeds=seeds)
+                              seeds=seeds, stop=[QUESTION_STOP])
     questions = [extract_question(tokenizer.decode(c.ids, skip_special_tokens=True)) for (c,) in written]
     del model, engine
     valid = [q for q in questions if q is not None]
@@ -140,6 +141,7 @@ def selfplay(cfg: SelfPlayConfig) -> dict:
     """Runs the iterations (continuing a run found in cfg.output_dir); returns the state."""
     from pyvf.data import dataset
     from pyvf.train.evaluate import evaluate
+    from pyvf.objectives.rzero import QUESTION_STOP
     from pyvf.train.model import load_model_and_tokenizer
 
     cfg.validate()
@@ -151,7 +153,7 @@ def selfplay(cfg: SelfPlayConfig) -> dict:
     if state_path.is_file():
         saved = json.loads(state_path.read_text())
         changed = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items()
-                   if k not in ("iterations", "progress", "eval_questions") and getattr(cfg, k, v) != v}
+                   if k not in ("iterations", "progress", "eval_questions", "save_every") and getattr(cfg, k, v) != v}
         if changed:
             raise ConfigError(f"{out} holds a self-play run with other settings: "
                               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
@@ -180,6 +182,7 @@ def selfplay(cfg: SelfPlayConfig) -> dict:
             log.info("selfplay: iteration %d/%d, challenger phase (%d steps)", i, cfg.iterations, cfg.challenger_steps)
             challenger = _train_phase(cfg, here / "challenger", objective="rzero", model=state["challenger"],
                                       solver_model=state["solver"], solver_samples=cfg.solver_samples,
+                                      stop=QUESTION_STOP,
                                       group_size=cfg.challenger_group_size, max_steps=cfg.challenger_steps)
             done("challenger", challenger_next=challenger)
         if state["phase"] == "challenger":

@@ -186,21 +186,25 @@ class ExtraReward:
     """`reward`: a verifier spec (pyvf.verify) whose scores are added to the objective's
     reward of every sample."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, policy):
+    def __init__(self, cfg: TrainConfig, tokenizer, policy, examples):
         from pyvf.verify import get_verifier
 
         self.tokenizer = tokenizer
         self.verifier = get_verifier(cfg.reward, tokenizer=tokenizer, policy=policy, rubric=cfg.rubric or "story",
                                      marker=cfg.marker, answer_template=cfg.answer_template,
-                                     max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens)
+                                     max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens,
+                                     temperature=cfg.temperature)
+        # Decided for the whole data set, so every rank passes the same kind of batch.
+        self.with_references = all(ex.answers for ex in examples)
 
     def __call__(self, samples: list[Sample]) -> torch.Tensor:
         decode = self.tokenizer.decode
-        prompts = [decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
+        # The prompt keeps its special tokens (a chat template's turns), as the policy saw it.
+        prompts = [decode(s.prompt_ids, skip_special_tokens=False) for s in samples]
         completions = [decode(s.ids, skip_special_tokens=True) for s in samples]
-        references = [list(s.example.answers) for s in samples]
-        scores = self.verifier(prompts, completions, references if all(references) else None)
-        return torch.nan_to_num(torch.tensor(scores, dtype=torch.float64))
+        references = [list(s.example.answers) for s in samples] if self.with_references else None
+        scores = torch.tensor(self.verifier(prompts, completions, references), dtype=torch.float64)
+        return torch.where(torch.isnan(scores), torch.zeros_like(scores), scores)  # TRL's reading of None
 
 
 def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool):
@@ -273,7 +277,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
         with torch.no_grad():
             policy(pack([Sequence(stop_ids[:1], stop_ids[:1], [], group=0)]))
     order = DataOrder(len(examples), cfg.seed)
-    extra_reward = ExtraReward(cfg, tokenizer, policy) if cfg.reward else None
+    extra_reward = ExtraReward(cfg, tokenizer, policy, examples) if cfg.reward else None
     metrics = MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None
     if rank == 0:
         log.info("train: objective %s (loss %s), rollout engine %s, lm_head pass %s, %d process(es)",

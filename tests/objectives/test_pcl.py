@@ -241,3 +241,22 @@ def test_continue_rollout_samples_on_after_the_answer_only():
     again = FakeEngine(tok)
     obj.continue_rollout(samples, again, context(None, step=3))
     assert again.calls[0][2]["seeds"] == kw["seeds"] and kw["seeds"][0] != kw["seeds"][1]
+
+
+def test_served_pcl_model_stops_at_the_answer(tmp_path):
+    """`pyvf eval` with the PCL prompt on the shipped model (whose warm-up taught the
+    PCL format): no completion goes past </answer>; without the stop the same model
+    goes on to evaluate itself, so the stop is what saves the tokens."""
+    import json
+
+    from pyvf.cli import main as cli
+
+    for stop, out in (("</answer>", "served.json"), ("", "unstopped.json")):
+        assert cli(["eval", "--prompt-template", PCL_PROMPT_TEMPLATE, "--limit", "8", "--stop", stop,
+                    "--output", str(tmp_path / out)]) == 0
+    served = json.loads((tmp_path / "served.json").read_text())["details"]
+    unstopped = json.loads((tmp_path / "unstopped.json").read_text())["details"]
+    assert all(d["completion"].rstrip().endswith("</answer>") and "<evaluation>" not in d["completion"]
+               for d in served)
+    assert sum("<evaluation>" in d["completion"] for d in unstopped) >= 6
+    assert [d["prediction"] for d in served] == [d["prediction"] for d in unstopped]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyvf.objectives.rzero import (
-    average_linkage_clusters, bleu_distances, challenger_rewards, extract_question, in_band, majority_vote,
+    average_linkage_clusters, bleu_distances, challenger_rewards, extract_question, in_band, pseudo_label,
     repetition_penalties, uncertainty_reward,
 )
 
@@ -21,19 +21,19 @@ def test_extract_question():
         assert extract_question(bad) is None, bad
 
 
-def test_majority_vote_equivalence_ties_and_missing_answers():
+def test_pseudo_label_equivalence_ties_and_missing_answers():
     """vllm_service_init/start_vllm_server.py process_single: each answer joins the first
     cluster whose first answer it matches (grade_answer either way), the largest cluster
     wins, ties to the first formed (max over an insertion-ordered dict), p_hat = count / m,
     a missing box counts as the answer "None"."""
-    assert majority_vote(["8/5", "1.6", "2", "\\frac{8}{5}"]) == ("8/5", 0.75)
-    assert majority_vote(["2", "3", "3", "2"]) == ("2", 0.5)              # tie: the first formed
-    assert majority_vote(["3", "2", "2", "3"]) == ("3", 0.5)
-    assert majority_vote(["1", "2", "3", "4", "5"]) == ("1", 0.2)
-    assert majority_vote([None, None, "4"]) == (None, pytest.approx(2 / 3))  # missing answers win: no label
-    assert majority_vote([None, "4", "4"]) == ("4", pytest.approx(2 / 3))
+    assert pseudo_label(["8/5", "1.6", "2", "\\frac{8}{5}"]) == ("8/5", 0.75)
+    assert pseudo_label(["2", "3", "3", "2"]) == ("2", 0.5)              # tie: the first formed
+    assert pseudo_label(["3", "2", "2", "3"]) == ("3", 0.5)
+    assert pseudo_label(["1", "2", "3", "4", "5"]) == ("1", 0.2)
+    assert pseudo_label([None, None, "4"]) == (None, pytest.approx(2 / 3))  # missing answers win: no label
+    assert pseudo_label([None, "4", "4"]) == ("4", pytest.approx(2 / 3))
     with pytest.raises(ValueError, match="answers"):
-        majority_vote([])
+        pseudo_label([])
 
 
 def test_uncertainty_and_band():
@@ -99,3 +99,45 @@ def test_challenger_rewards():
     assert pen == [0.25] * 4
     with pytest.raises(ValueError, match="same length"):
         challenger_rewards(["a"], [0.1, 0.2])
+
+
+class StubSolver:
+    """Votes from a table; records what it was asked."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def vote(self, questions, seeds, m):
+        self.calls.append((list(questions), list(seeds), m))
+        return [self.table[q] for q in questions]
+
+
+def test_challenger_scores_questions_with_the_solver_vote():
+    from helpers import config, context, tiny_policy
+
+    from pyvf.data.dataset import Example
+    from pyvf.objectives.base import Sample
+    from pyvf.objectives.rzero import RZeroChallenger
+
+    _, tok = tiny_policy()
+    obj = RZeroChallenger(config(objective="rzero", solver_samples=6), tok)
+    texts = [" <question> Ada has 12 apples and buys 5 more . How many ? </question>",
+             " no tags at all",
+             " <question> A jug holds 3 liters of tea and 10 more are added . How much ? </question>",
+             " <question> Ada has 12 apples and buys 5 more . How many ? </question>"]
+    ex = Example("unused", ("1",), (1.0,))
+    samples = [Sample(0, ex, [1, 2], tok(t, add_special_tokens=False)["input_ids"], "eos", None, group=k // 2)
+               for k, t in enumerate(texts)]
+    q_ada = "Ada has 12 apples and buys 5 more . How many ?"
+    q_jug = "A jug holds 3 liters of tea and 10 more are added . How much ?"
+    obj.solver = StubSolver({q_ada: ("17", 0.5), q_jug: ("13", 1.0)})
+    ctx = context(None, step=4)
+    r = obj.score(samples, ctx)
+    (questions, seeds, m), = obj.solver.calls
+    assert questions == [q_ada, q_jug, q_ada] and m == 6
+    assert seeds[0] != seeds[2]  # same question, other sample: its own answers
+    want = challenger_rewards([q_ada, None, q_jug, q_ada], [0.5, 0.0, 1.0, 0.5])
+    assert torch.equal(r, want)
+    assert r[0] == pytest.approx(0.5 - 2 / 4) and r[2] == pytest.approx(0.0 - 1 / 4)
+    assert ctx.metrics["rzero_valid_frac"][:2] == (3, 4)
+    assert ctx.metrics["rzero_in_band_frac"][:2] == (2, 4)

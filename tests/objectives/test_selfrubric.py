@@ -72,13 +72,16 @@ def test_frozen_rater_rates_by_continuing_prompt_and_answer():
     obj.attach(policy)
     seen = []
 
-    def fake_rate(prompts, completions):
-        seen.extend(completions)
+    def fake_rate(asks):
+        seen.extend(asks)
         return [GOOD, LOW]
 
-    obj._rate = fake_rate
-    r = obj.score(samples_of(tok, [STORY + "\n" + LOW, STORY + "\n" + GOOD]), context(policy))
+    obj.verifier.rate = fake_rate
+    samples = samples_of(tok, [STORY + "\n" + LOW, STORY + "\n" + GOOD])
+    r = obj.score(samples, context(policy))
     assert r[0] > r[1]
+    prompt = tok.decode(samples[0].prompt_ids)
+    assert seen == [prompt + STORY + "\n"] * 2  # the rater continues prompt + story, never the policy's rating
     assert obj.rater is not None and all(not p.requires_grad for p in obj.rater.parameters())
     assert obj.state_dict() == {}  # a frozen rater is the starting model: nothing to save
 
