@@ -1,4 +1,4 @@
-"""The `pyvf` command line: train, eval, demo, selfplay, bench.
+"""The `pyvf` command line: train, eval, demo, selfplay, rationalize, sft, bon, bench.
 
 Errors in what the user gave (config keys, paths, data) print one line and exit 2;
 set PYVF_DEBUG=1 to see the traceback instead."""
@@ -87,6 +87,63 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             play.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default!r})")
 
+    rat = sub.add_parser(
+        "rationalize", help="RAVR: rationales written with the reference in view, scored without it; best kept",
+        description="Samples --samples rationales per question with the reference answer in the prompt, drops those "
+                    "that give it away (pyvf.train.rationalize.leak_reason) or have no answer marker, scores the "
+                    "rest by pi(reference | plain prompt, rationale) and writes the best per question as JSONL rows "
+                    "for pyvf sft (counts in OUTPUT.counts.json).")
+    rat.add_argument("--model", default="builtin", help="model directory, or builtin")
+    rat.add_argument("--data", default="synthetic",
+                     help="JSONL file of question/answer rows, or synthetic (its training split)")
+    rat.add_argument("--output", default="rationales.jsonl", help="JSONL file for the kept rationales")
+    rat.add_argument("--samples", type=int, default=4, help="rationales sampled per question (K)")
+    rat.add_argument("--limit", type=int, default=None, help="only the first N questions (synthetic: default 500)")
+    rat.add_argument("--min-score", type=float, default=0.0,
+                     help="keep a question's best rationale only when it scores at least this")
+    rat.add_argument("--select", default="score_x_plausibility", choices=("score", "score_x_plausibility"),
+                     help="how a question's best rationale is chosen: pi(reference | prompt, rationale) alone, or "
+                          "times the rationale's geometric-mean token probability after the plain prompt")
+    _add_sampling_args(rat)
+
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning on question/completion rows (e.g. pyvf rationalize's output)",
+        description="Trains on the completion (and EOS) tokens of each row after its prompt, rendered as training "
+                    "renders it; saves a model directory for pyvf eval --model. --train-on worked trains on the "
+                    "synthetic task's worked solutions of the same questions instead (the plain SFT baseline).")
+    sft.add_argument("--model", default="builtin", help="model directory to start from, or builtin")
+    sft.add_argument("--data", required=True, help="JSONL file of rows with question and completion")
+    sft.add_argument("--train-on", default="completion", choices=("completion", "worked"),
+                     help="completion: the rows' completions; worked: the synthetic task's worked solutions of the "
+                          "rows' questions")
+    sft.add_argument("--output-dir", default="runs/sft", help="where the fine-tuned model directory is written")
+    sft.add_argument("--steps", type=int, default=200)
+    sft.add_argument("--lr", type=float, default=1e-4)
+    sft.add_argument("--batch-size", type=int, default=16)
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--max-seq-len", type=int, default=512)
+    sft.add_argument("--eval-questions", type=int, default=0,
+                     help="after training, greedy accuracy on this many held-out questions of --eval-data "
+                          "(written to OUTPUT_DIR/eval.json)")
+    sft.add_argument("--eval-data", default="synthetic")
+    _add_prompt_args(sft)
+
+    bon = sub.add_parser(
+        "bon", help="best-of-N: accuracy as N grows when a verifier picks one of N samples",
+        description="Samples max(N) completions per question once, lets the verifier pick one of the first N for "
+                    "each N, prints a table and writes OUTPUT_DIR/bon.json and bon.png.")
+    bon.add_argument("--model", default="builtin", help="model directory, or builtin")
+    bon.add_argument("--data", default="synthetic", help="JSONL file, synthetic or openended (held-out split)")
+    bon.add_argument("--n", default="1,2,4,8,16", help="comma-separated N, increasing")
+    bon.add_argument("--verifier", default="majority",
+                     help="a pyvf.verify spec: rule, majority, self_rubric, verifree, python:mod:fn, or a weighted "
+                          "sum such as 'majority + 0.5*verifree'")
+    bon.add_argument("--rubric", default=None, help="for self_rubric: a rubric YAML or built-in name "
+                                                    "(default with --data openended: story)")
+    bon.add_argument("--limit", type=int, default=100, help="number of held-out questions")
+    bon.add_argument("--output-dir", default="runs/bon")
+    _add_sampling_args(bon, default_stop=None)
+
     bench = sub.add_parser("bench", help="time the ops at sizes that fit this machine and print a table")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--sizes", type=_sizes, default=None,
@@ -98,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--impls", default=None,
                        help="comma-separated implementations, each suite keeps the ones it knows (default: all)")
     return parser
+
+
+def _add_prompt_args(parser) -> None:
+    parser.add_argument("--prompt-template", default=None,
+                        help="task prompt with {question} (default: the task's: synthetic, or openended's)")
+    parser.add_argument("--chat-template", default="auto", choices=("auto", "none"),
+                        help="auto: the tokenizer's chat template when it has one")
+    parser.add_argument("--system-prompt", default="")
+    parser.add_argument("--assistant-prefix", default="", help="text that starts the assistant turn, e.g. <think>")
+
+
+def _add_sampling_args(parser, *, default_stop: str | None = "</answer>") -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=16, help="questions sampled together")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="longest sequence scored")
+    if default_stop is None:
+        parser.add_argument("--stop", default=None,
+                            help="stop strings, | separated (default: </answer>; </rating> for openended)")
+    _add_prompt_args(parser)
 
 
 def resume_config(resume: str, values: dict, *, force: bool = False, announce=print):
@@ -215,6 +293,130 @@ def _selfplay(args) -> int:
     return 0
 
 
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _prompting(args, data: str = "synthetic") -> dict:
+    from pyvf.train.bon import task_defaults
+
+    template = args.prompt_template if args.prompt_template is not None else task_defaults(data)[0]
+    return dict(prompt_template=template, chat_template=args.chat_template, system_prompt=args.system_prompt,
+                assistant_prefix=args.assistant_prefix)
+
+
+def _load_model(spec: str):
+    import torch
+
+    from pyvf.train.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(spec)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, tokenizer
+
+
+def _rationalize(args) -> int:
+    from pyvf.data import dataset
+    from pyvf.train.rationalize import Progress, counts_path, rationalize, write_jsonl
+
+    _positive(args, "samples", "limit", "max_new_tokens", "batch_size", "max_seq_len")
+    if args.data == "openended":
+        raise ConfigError("--data openended has no reference answers to write rationales toward")
+    examples = dataset.load(args.data, n_synthetic=args.limit or 500, split="train")
+    if args.limit is not None:
+        examples = examples[:args.limit]
+    model, tokenizer = _load_model(args.model)
+    print(f"rationalize: {len(examples)} questions x {args.samples} rationales, model {args.model}, data {args.data}",
+          flush=True)
+    rows, counts = rationalize(model, tokenizer, examples, samples=args.samples, seed=args.seed,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               batch_size=args.batch_size, min_score=args.min_score, max_seq_len=args.max_seq_len,
+                               select=args.select, progress=Progress(), **_prompting(args))
+    write_jsonl(rows, args.output)
+    summary = counts_path(args.output)
+    tmp = summary.with_name(f".{summary.name}.tmp")
+    tmp.write_text(json.dumps({**counts, "model": args.model, "data": args.data, "samples_per_question": args.samples,
+                               "seed": args.seed}, indent=2))
+    os.replace(tmp, summary)
+    mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
+    print(f"rationalize: {counts['samples']} samples: {counts['scored']} scored, dropped {counts['leak_mentions']} "
+          f"mentioning the reference, {counts['leak_early']} stating it early, {counts['no_marker']} without an "
+          f"answer marker")
+    print(f"rationalize: kept {len(rows)}/{counts['questions']} questions (mean score {mean:.3f}) -> {args.output} "
+          f"(counts: {summary})")
+    return 0
+
+
+def _sft(args) -> int:
+    from pyvf.data import dataset
+    from pyvf.train.evaluate import evaluate
+    from pyvf.train.sft import read_rows, save_model, sft, worked_solution_rows
+
+    _positive(args, "steps", "batch_size", "max_seq_len")
+    if args.eval_questions < 0:
+        raise ConfigError(f"--eval-questions must be >= 0, got {args.eval_questions}")
+    rows = read_rows(args.data)
+    if args.train_on == "worked":
+        rows = worked_solution_rows([r["question"] for r in rows])
+    model, tokenizer = _load_model(args.model)
+    prompting = _prompting(args)
+    print(f"sft: {len(rows)} rows ({'worked solutions of the questions of ' if args.train_on == 'worked' else ''}"
+          f"{args.data}), {args.steps} steps of {args.batch_size}, lr {args.lr:g}, seed {args.seed}", flush=True)
+    losses = sft(model, tokenizer, rows, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                 max_seq_len=args.max_seq_len, log=lambda line: print(line, flush=True), **prompting)
+    out = save_model(model, tokenizer, args.output_dir)
+    record = {"data": args.data, "train_on": args.train_on, "rows": len(rows), "steps": args.steps, "lr": args.lr,
+              "batch_size": args.batch_size, "seed": args.seed, "model": args.model, "first_loss": losses[0],
+              "last_loss": losses[-1]}
+    if args.eval_questions:
+        examples = dataset.load(args.eval_data, n_synthetic=args.eval_questions, split="eval")[:args.eval_questions]
+        result = evaluate(model, tokenizer, examples, max_new_tokens=64, **prompting)
+        record["eval"] = {"data": args.eval_data, "accuracy": result["accuracy"], "n": result["n"]}
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        print(f"sft: held-out accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['n']}) "
+              f"data {args.eval_data}")
+    (out / "sft.json").write_text(json.dumps(record, indent=2))
+    print(f"sft: loss {losses[0]:.4f} -> {losses[-1]:.4f}; model -> {out}")
+    return 0
+
+
+def _bon(args) -> int:
+    from pyvf.data import dataset
+    from pyvf.train import bon
+    from pyvf.verify import get_verifier
+
+    _positive(args, "limit", "max_new_tokens", "batch_size", "max_seq_len")
+    ns = bon.parse_ns(args.n)
+    examples = dataset.load(args.data, n_synthetic=args.limit, split="eval")[:args.limit]
+    model, tokenizer = _load_model(args.model)
+    context = dict(model=model, tokenizer=tokenizer, max_seq_len=args.max_seq_len)
+    rubric = args.rubric or ("story" if args.data == "openended" else None)
+    if rubric is not None:
+        context["rubric"] = rubric
+    verifier = get_verifier(args.verifier, **context)
+    stop = args.stop if args.stop is not None else bon.task_defaults(args.data)[1]
+    print(f"bon: {len(examples)} questions x {max(ns)} samples, verifier {args.verifier}, model {args.model}",
+          flush=True)
+    prompts, completions = bon.sample_completions(
+        model, tokenizer, examples, max(ns), seed=args.seed, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, stop=tuple(s for s in stop.split("|") if s), batch_size=args.batch_size,
+        progress=lambda done, total: print(f"bon: sampled {done}/{total} questions", file=sys.stderr, flush=True),
+        **_prompting(args, args.data))
+    has_refs = all(ex.answers for ex in examples)
+    curve = bon.best_of_n_curve(prompts, completions, [list(ex.answers) for ex in examples], ns, verifier)
+    result = {"model": args.model, "data": args.data, "verifier": args.verifier, "questions": len(examples),
+              "seed": args.seed, "temperature": args.temperature, "has_references": has_refs, "curve": curve,
+              "verifier_stats": dict(getattr(verifier, "stats", {}) or {})}
+    json_path, png = bon.write_result(result, args.output_dir)
+    print(bon.format_table(result))
+    print(f"bon: wrote {json_path}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def _bench(args) -> int:
     from pyvf import bench
 
@@ -244,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "selfplay":
             return _selfplay(args)
+        if args.command == "rationalize":
+            return _rationalize(args)
+        if args.command == "sft":
+            return _sft(args)
+        if args.command == "bon":
+            return _bon(args)
         return _bench(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("PYVF_DEBUG"):

@@ -237,10 +237,12 @@ def test_continue_rollout_samples_on_after_the_answer_only():
         assert out[k].finish == "eos" and out[k].rollout_logprobs[-1] == -0.25
         assert len(out[k].rollout_logprobs) == len(out[k].ids)
     assert out[1] is samples[1] and out[2] is samples[2] and out[1].answer_end is None
-    # The seeds depend on (seed, step, group, sample), not on the batch.
+    # The seeds depend on (seed, step, group, sample in group), not on the batch or the
+    # rank: another group's samples in front (as on one process) change nothing.
+    other = [Sample(s.example_index, s.example, s.prompt_ids, s.ids, "stop", s.rollout_logprobs, 7) for s in samples]
     again = FakeEngine(tok)
-    obj.continue_rollout(samples, again, context(None, step=3))
-    assert again.calls[0][2]["seeds"] == kw["seeds"] and kw["seeds"][0] != kw["seeds"][1]
+    obj.continue_rollout(other + samples, again, context(None, step=3))
+    assert again.calls[0][2]["seeds"][-2:] == kw["seeds"] and kw["seeds"][0] != kw["seeds"][1]
 
 
 def test_served_pcl_model_stops_at_the_answer(tmp_path):
