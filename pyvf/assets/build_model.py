@@ -6,9 +6,14 @@ on the synthetic task's worked solutions.
 
 The warm-up data has a bad habit built in: 60% of its worked solutions skip a step
 (they divide before adding what the question adds, or forget what was given away),
-so the warmed-up model usually reasons its way to a wrong answer. This is what
+so the warmed-up model often reasons its way to a wrong answer. This is what
 `pyvf demo` shows VeriFree fixing: the reference answer is unlikely after a skipped
-step, so the reward favours the complete reasoning.
+step, so the reward favours the complete reasoning. The habit is strong (80%) on three
+of the five kinds of question (sharing, giving away, pouring) and weak (30%) on the two
+that multiply (packs, rates), where the complete reasoning stays the most likely: there
+the most common answer among samples is the right one, so majority voting (`pyvf bon
+--verifier majority`) and R-Zero's pseudo-labels have something to find, while on the
+other three only training helps.
 
 Other prompts are mixed in so that every method runs on the shipped model: with the
 PCL prompt (`--objective pcl`) a solution is followed by its self-evaluation and true
@@ -41,6 +46,8 @@ from pyvf.ops import token_logprobs
 from pyvf.packing import IGNORE_INDEX
 
 MODEL_DIR = ASSETS / "model"
+# Share of each kind of question's worked solutions that take the shortcut (60% overall).
+SHORTCUT_RATES = {"share": 0.8, "give_away": 0.8, "pour": 0.8, "packs": 0.3, "rate": 0.3}
 
 
 def tiny_qwen3_config(vocab_size: int, eos_id: int, pad_id: int):
@@ -90,12 +97,33 @@ def warmup_text(problem, kind: str, shortcut: bool) -> tuple[str, str]:
     raise ValueError(f"kind must be solve, pcl or question, got {kind!r}")
 
 
-def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut_fraction: float,
+def warmup_plan(problems, g: torch.Generator, shortcut_rates: dict[str, float],
+                fractions: dict[str, float]) -> tuple[list[bool], list[str]]:
+    """(takes the shortcut, kind of example) per problem, drawn from `g`: the shortcut at
+    its question kind's rate, the kind ("pcl", "question", ...) with the probabilities in
+    `fractions` and "solve" for the rest."""
+    missing = sorted({p.template for p in problems} - set(shortcut_rates))
+    if missing:
+        raise ValueError(f"shortcut_rates has no rate for the question kinds {missing}")
+    u = torch.rand(len(problems), generator=g).tolist()
+    shortcut = [x < shortcut_rates[p.template] for x, p in zip(u, problems)]
+    edges, total = [], 0.0
+    for kind, fraction in fractions.items():
+        total += fraction
+        edges.append((total, kind))
+    if total > 1:
+        raise ValueError(f"the example fractions add up to {total} > 1")
+    u = torch.rand(len(problems), generator=g).tolist()
+    return shortcut, [next((kind for edge, kind in edges if x < edge), "solve") for x in u]
+
+
+def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut_rates: dict[str, float],
                 pcl_fraction: float = 0.15, question_fraction: float = 0.1, story_fraction: float = 0.15,
                 rationalize_fraction: float = 0.1):
     """(input_ids [B, L], targets [B, L]) with targets only on the completion and EOS.
-    A `shortcut_fraction` of the worked solutions skip a step and end at a wrong
-    answer: the habit the demo's VeriFree run has to unlearn. A `pcl_fraction` of the
+    A share of the worked solutions skip a step and end at a wrong answer
+    (`shortcut_rates`, per kind of question): the habit the demo's VeriFree run has to
+    unlearn. A `pcl_fraction` of the
     examples use the PCL prompt, a `question_fraction` the question-writing prompt, a
     `story_fraction` are rated stories of the open-ended task and a
     `rationalize_fraction` reference-guided rationales."""
@@ -104,16 +132,9 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
     problems = generate(n_examples, seed=seed)
     stories = openended.warmup_pairs(n_examples, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    shortcut = (torch.rand(len(problems), generator=g) < shortcut_fraction).tolist()
-    u = torch.rand(len(problems), generator=g).tolist()
-    edges, total = [], 0.0
-    for fraction, kind in ((pcl_fraction, "pcl"), (question_fraction, "question"), (story_fraction, "story"),
-                           (rationalize_fraction, "rationalize")):
-        total += fraction
-        edges.append((total, kind))
-    if total > 1:
-        raise ValueError(f"the example fractions add up to {total} > 1")
-    kinds = [next((kind for edge, kind in edges if x < edge), "solve") for x in u]
+    shortcut, kinds = warmup_plan(problems, g, shortcut_rates, {"pcl": pcl_fraction, "question": question_fraction,
+                                                               "story": story_fraction,
+                                                               "rationalize": rationalize_fraction})
     while True:
         order = torch.randperm(len(problems), generator=g).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
@@ -136,24 +157,25 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
 
 
 def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50,
-          shortcut_fraction: float = 0.6, pcl_fraction: float = 0.15, question_fraction: float = 0.1,
+          shortcut_rates: dict[str, float] | None = None, pcl_fraction: float = 0.15, question_fraction: float = 0.1,
           story_fraction: float = 0.15, rationalize_fraction: float = 0.1):
     from transformers import Qwen3ForCausalLM
 
+    shortcut_rates = dict(SHORTCUT_RATES if shortcut_rates is None else shortcut_rates)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer()
     config = tiny_qwen3_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     model = Qwen3ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}, "
-          f"{shortcut_fraction:.0%} shortcut solutions, {pcl_fraction:.0%} PCL, {question_fraction:.0%} "
+          f"shortcut solutions {', '.join(f'{k} {v:.0%}' for k, v in shortcut_rates.items())}, {pcl_fraction:.0%} PCL, {question_fraction:.0%} "
           f"question-writing, {story_fraction:.0%} story and {rationalize_fraction:.0%} rationale examples",
           flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100, shortcut_fraction, pcl_fraction,
+    batches = sft_batches(tokenizer, 20000, batch_size, SYNTHETIC_TRAIN_SEED + 100, shortcut_rates, pcl_fraction,
                           question_fraction, story_fraction, rationalize_fraction)
     start = time.time()
     model.train()
@@ -176,6 +198,23 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
     return model, tokenizer
 
 
+def parse_rates(text: str) -> dict[str, float]:
+    """"share=0.8,pour=0.3" -> the defaults with those kinds' rates replaced."""
+    rates = dict(SHORTCUT_RATES)
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        kind, _, value = item.partition("=")
+        if kind not in rates:
+            raise argparse.ArgumentTypeError(f"unknown question kind {kind!r}; kinds: {', '.join(rates)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"rate of {kind!r} must be a number, got {value!r}") from None
+        if not 0.0 <= rate <= 1.0:
+            raise argparse.ArgumentTypeError(f"rate of {kind!r} must be in [0, 1], got {rate}")
+        rates[kind] = rate
+    return rates
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
@@ -183,13 +222,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shortcut-fraction", type=float, default=0.6)
+    parser.add_argument("--shortcut-rates", type=parse_rates, default=dict(SHORTCUT_RATES),
+                        help="per kind of question, e.g. share=0.8,pour=0.3 (default: %(default)s)")
     parser.add_argument("--pcl-fraction", type=float, default=0.15)
     parser.add_argument("--question-fraction", type=float, default=0.1)
     parser.add_argument("--story-fraction", type=float, default=0.15)
     parser.add_argument("--rationalize-fraction", type=float, default=0.1)
     args = parser.parse_args(argv)
-    build(args.out, args.steps, args.batch_size, args.lr, args.seed, shortcut_fraction=args.shortcut_fraction,
+    build(args.out, args.steps, args.batch_size, args.lr, args.seed, shortcut_rates=args.shortcut_rates,
           pcl_fraction=args.pcl_fraction, question_fraction=args.question_fraction, story_fraction=args.story_fraction,
           rationalize_fraction=args.rationalize_fraction)
     return 0

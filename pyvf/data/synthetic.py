@@ -45,6 +45,7 @@ class Problem:
     answers: tuple[str, ...]  # equivalent written forms, canonical first
     shortcut: str = ""      # a plausible but wrong worked solution that skips a step
     shortcut_answer: str = ""
+    template: str = ""      # which kind of question: share, give_away, packs, pour or rate
 
     @property
     def prompt(self) -> str:
@@ -160,7 +161,8 @@ def generate(n: int, seed: int = 0) -> list[Problem]:
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
-        q, s, ans, shortcut, wrong = rng.choice(_TEMPLATES)(rng)
+        template = rng.choice(_TEMPLATES)
+        q, s, ans, shortcut, wrong = template(rng)
         problems.append(Problem(question=q, solution=s, answer=ans, answers=answer_forms(ans), shortcut=shortcut,
-                                shortcut_answer=_fmt(wrong)))
+                                shortcut_answer=_fmt(wrong), template=template.__name__.lstrip("_")))
     return problems

@@ -53,6 +53,19 @@ class BaseVerifier:
         return f"<verifier {self.name}>"
 
 
+class AnswerVerifier(BaseVerifier):
+    """A verifier that compares final \\boxed{} answers, by `backend` as in
+    pyvf.data.answers ("auto": math-verify when installed, pyvf's normalizer otherwise)."""
+
+    def __init__(self, *, backend: str = "auto"):
+        super().__init__()
+        from pyvf.data.answers import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+
 def check_batch(prompts, completions, references, *, need_references: bool = False, who: str = "verifier"
                 ) -> tuple[list[str], list[str], list[list[str]] | None]:
     """The batch as lists, after checking that the three line up and hold strings.

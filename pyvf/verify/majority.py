@@ -15,8 +15,8 @@ lets missing answers vote, as a class of their own.)
 
 from __future__ import annotations
 
-from pyvf.data.answers import BACKENDS, equivalent_pair, last_boxed
-from pyvf.verify.base import BaseVerifier, check_batch
+from pyvf.data.answers import equivalent_pair, last_boxed
+from pyvf.verify.base import AnswerVerifier, check_batch
 
 
 def answer_classes(answers: list[str | None], *, backend: str = "auto") -> list[int | None]:
@@ -59,16 +59,10 @@ def _majority_class(classes: list[int | None]) -> tuple[int | None, float]:
     return best, votes[best] / sum(votes.values())
 
 
-class MajorityVerifier(BaseVerifier):
+class MajorityVerifier(AnswerVerifier):
     """stats: `scored`, `no_answer`, `groups` (distinct prompts seen)."""
 
     name = "majority"
-
-    def __init__(self, *, backend: str = "auto"):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
 
     def __call__(self, prompts, completions, references=None) -> list[float]:
         prompts, completions, _ = check_batch(prompts, completions, references, who=self.name)

@@ -5,31 +5,22 @@ otherwise: see pyvf.data.answers), else 0.0. The verifier baseline's reward
 
 from __future__ import annotations
 
-from pyvf.data.answers import BACKENDS, is_equivalent, last_boxed
-from pyvf.verify.base import BaseVerifier, check_batch
+from pyvf.data.answers import last_boxed
+from pyvf.objectives.verifier import verifier_rewards
+from pyvf.verify.base import AnswerVerifier, check_batch
 
 
-class RuleVerifier(BaseVerifier):
+class RuleVerifier(AnswerVerifier):
     """stats: `scored`, `no_answer` (no \\boxed{} in the completion), `correct`."""
 
     name = "rule"
 
-    def __init__(self, *, backend: str = "auto"):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
-
     def __call__(self, prompts, completions, references=None) -> list[float]:
         prompts, completions, references = check_batch(prompts, completions, references, need_references=True,
                                                        who=self.name)
-        scores = []
-        for completion, refs in zip(completions, references):
-            answer = last_boxed(completion)
-            if answer is None:
-                self.count("no_answer")
-            ok = is_equivalent(answer, [r for r in refs if r.strip()], backend=self.backend)
-            scores.append(float(ok))
+        scores = verifier_rewards(completions, [[r for r in refs if r.strip()] for refs in references],
+                                  backend=self.backend).tolist()
+        self.count("no_answer", sum(last_boxed(c) is None for c in completions))
         self.count("scored", len(scores))
         self.count("correct", sum(scores))
         return scores
