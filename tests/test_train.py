@@ -57,7 +57,9 @@ def test_train_with_a_model_directory(tiny_model_dir, tmp_path):
 
 # Every registered objective, with what it needs to run fast on the built-in tasks.
 OBJECTIVE_ARGS = {
-    "verifree": [], "rlpr": [], "nover": [], "verifier": [], "pcl": [],
+    "verifree": [], "rlpr": [], "nover": [], "verifier": [],
+    # 2 prompts x 4 samples of the shipped model can be all right or all wrong per group.
+    "pcl": ["--prompts-per-step", "4"],
     "rzero": ["--solver-samples", "4"],
     "selfrubric": ["--data", "openended", "--max-new-tokens", "64"],
 }
