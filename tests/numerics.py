@@ -1,6 +1,8 @@
 """Helpers shared by the tests: the error measure of the project's standards, the list
 of backends this machine can run, and the lm_head ops' cases and inputs."""
 
+import os
+
 import pytest
 import torch
 
@@ -26,6 +28,13 @@ CUDA_SKIP_REASON = "needs a CUDA device and pyvf._C built with CUDA"
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+# conftest.py switches the interpreter on only where there is no GPU; with one, the
+# cuda-* cases run the same kernels compiled.
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="TRITON_INTERPRET is not 1: conftest.py turns the interpreter on only when "
+                                        "there is no GPU (with one, the cuda-* cases test the compiled kernels; "
+                                        "CUDA_VISIBLE_DEVICES= runs these too)")
+INTERPRETED_TRITON = pytest.param("triton", marks=interpreted, id="triton")
 
 # (backend, device, dtype): the C++ path, the Triton kernels under the interpreter
 # (fp32, fp16: the interpreter's bf16 is broken) and, on a GPU, the compiled kernels.
@@ -33,8 +42,8 @@ CASES = [
     pytest.param("cpu", "cpu", torch.float32, id="cpu-fp32"),
     pytest.param("cpu", "cpu", torch.float64, id="cpu-fp64"),
     pytest.param("cpu", "cpu", torch.bfloat16, id="cpu-bf16"),
-    pytest.param("triton", "cpu", torch.float32, id="interp-fp32"),
-    pytest.param("triton", "cpu", torch.float16, id="interp-fp16"),
+    pytest.param("triton", "cpu", torch.float32, id="interp-fp32", marks=interpreted),
+    pytest.param("triton", "cpu", torch.float16, id="interp-fp16", marks=interpreted),
     pytest.param("triton", "cuda", torch.float32, id="cuda-fp32", marks=gpu),
     pytest.param("triton", "cuda", torch.float16, id="cuda-fp16", marks=gpu),
     pytest.param("triton", "cuda", torch.bfloat16, id="cuda-bf16", marks=gpu),

@@ -7,7 +7,7 @@ import torch
 from pyvf.ops import policy_loss, token_logprobs
 from pyvf.ops.reference import policy_loss_reference
 
-from numerics import CASES, TOL, make_inputs, rel_err
+from numerics import CASES, INTERPRETED_TRITON, TOL, make_inputs, rel_err
 
 
 def reference(hidden, weight, targets, coeffs, entropy_coeffs, temperature):
@@ -185,7 +185,7 @@ def test_no_grad_computes_values_only(backend, device, dtype):
         assert rel_err(a, c.detach()) < TOL[dtype]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", INTERPRETED_TRITON])
 def test_only_the_inputs_that_need_a_gradient_get_one(backend):
     hidden, weight, targets = make_inputs(10, 16, 300, torch.float32, "cpu")
     coeffs = torch.randn(10)
@@ -196,7 +196,7 @@ def test_only_the_inputs_that_need_a_gradient_get_one(backend):
     assert rel_err(weight.grad, ref_dw) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", INTERPRETED_TRITON, "reference"])
 def test_upstream_gradient_scales_and_accumulates(backend):
     hidden, weight, targets = make_inputs(8, 16, 200, torch.float32, "cpu")
     coeffs = torch.randn(8)
@@ -216,7 +216,7 @@ def test_second_backward_through_one_graph_is_an_error():
         loss.backward()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", INTERPRETED_TRITON])
 def test_small_workspace_many_chunks(backend):
     # A workspace of a few rows forces many chunks: the d_weight accumulation across
     # chunks must give the same gradient as one chunk.
@@ -231,7 +231,7 @@ def test_small_workspace_many_chunks(backend):
     assert rel_err(hidden.grad, ref_dh) < 1e-5 and rel_err(weight.grad, ref_dw) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", INTERPRETED_TRITON, "reference"])
 def test_empty(backend):
     hidden, weight, targets = make_inputs(0, 8, 100, torch.float32, "cpu")
     loss, logp, entropy = policy_loss(hidden, weight, targets, torch.zeros(0), backend=backend)

@@ -8,7 +8,7 @@ import torch
 from pyvf.ops import token_logprobs
 from pyvf.ops.reference import token_logprobs_reference
 
-from numerics import CASES, TOL, make_inputs, rel_err
+from numerics import CASES, INTERPRETED_TRITON, TOL, make_inputs, rel_err
 
 
 def check_against_reference(backend, hidden, weight, targets, temperature, with_entropy, tol):
@@ -107,7 +107,7 @@ def test_no_grad_saves_nothing(backend, device, dtype):
     assert torch.equal(logp, detached)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", INTERPRETED_TRITON, "reference"])
 def test_empty(backend):
     hidden, weight, targets = make_inputs(0, 8, 100, torch.float32, "cpu")
     assert token_logprobs(hidden, weight, targets, backend=backend).shape == (0,)
