@@ -34,7 +34,7 @@ def test_warmup_plan_is_reproducible_and_checks_its_inputs():
 
 
 def test_parse_rates():
-    assert parse_rates("share=0.1, rate=1") == {**SHORTCUT_RATES, "share": 0.1, "rate": 1.0}
+    assert parse_rates("share=0.1, rate = 1") == {**SHORTCUT_RATES, "share": 0.1, "rate": 1.0}
     assert parse_rates("") == SHORTCUT_RATES
     for bad, message in (("bogus=0.5", "unknown question kind 'bogus'"), ("share=x", "must be a number"),
                          ("share=1.5", "must be in \\[0, 1\\]")):

@@ -1,8 +1,8 @@
-"""Rebuilds the shipped demo model: a tiny Qwen3-architecture model (about 3.6M
+"""Rebuilds the shipped demo model: a tiny Qwen3-architecture model (about 3.4M
 parameters) initialized from a fixed seed and warmed up with supervised fine-tuning
 on the synthetic task's worked solutions.
 
-    python -m pyvf.assets.build_model [--out DIR] [--steps 800]
+    python -m pyvf.assets.build_model [--out DIR] [--steps 800] [--shortcut-rates share=0.8,...]
 
 The warm-up data has a bad habit built in: 60% of its worked solutions skip a step
 (they divide before adding what the question adds, or forget what was given away),
@@ -168,8 +168,8 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
     model = Qwen3ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}, "
-          f"shortcut solutions {', '.join(f'{k} {v:.0%}' for k, v in shortcut_rates.items())}, {pcl_fraction:.0%} PCL, {question_fraction:.0%} "
-          f"question-writing, {story_fraction:.0%} story and {rationalize_fraction:.0%} rationale examples",
+          f"shortcut solutions {', '.join(f'{k} {v:.0%}' for k, v in shortcut_rates.items())}, "
+          f"{pcl_fraction:.0%} PCL, {question_fraction:.0%} question-writing, {story_fraction:.0%} story and {rationalize_fraction:.0%} rationale examples",
           flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -202,7 +202,7 @@ def parse_rates(text: str) -> dict[str, float]:
     """"share=0.8,pour=0.3" -> the defaults with those kinds' rates replaced."""
     rates = dict(SHORTCUT_RATES)
     for item in filter(None, (s.strip() for s in text.split(","))):
-        kind, _, value = item.partition("=")
+        kind, _, value = (part.strip() for part in item.partition("="))
         if kind not in rates:
             raise argparse.ArgumentTypeError(f"unknown question kind {kind!r}; kinds: {', '.join(rates)}")
         try:

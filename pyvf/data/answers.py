@@ -161,4 +161,14 @@ def is_equivalent(prediction: str | None, references: list[str], *, backend: str
     return any(equivalent_pair(prediction, r, backend=backend) for r in references)
 
 
-__all__ = ["BACKENDS", "answer_backend", "equivalent_pair", "is_equivalent", "last_boxed", "normalize"]
+def boxed_correct(completions: list[str], references: list[list[str]], *, backend: str = "auto") -> list[bool]:
+    """Whether the last \\boxed{...} of each completion is equivalent to one of its
+    references (a completion without one is not): the rule checker's verdicts."""
+    if len(completions) != len(references):
+        raise ValueError(f"completions and references must have the same length, got {len(completions)} "
+                         f"and {len(references)}")
+    return [is_equivalent(last_boxed(c), list(r), backend=backend) for c, r in zip(completions, references)]
+
+
+__all__ = ["BACKENDS", "answer_backend", "boxed_correct", "equivalent_pair", "is_equivalent", "last_boxed",
+           "normalize"]

@@ -198,8 +198,8 @@ def true_rating(text: str) -> dict[str, int]:
 
 
 def _rubric():
-    # Imported here: pyvf.verify pulls in the objectives, which import pyvf.data.dataset,
-    # which may import this module.
+    # Imported here: pyvf.verify imports pyvf.data (answers), so importing it while
+    # pyvf.data is being imported would be circular.
     from pyvf.verify.rubric import load_rubric
 
     return load_rubric(RUBRIC)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from pyvf.verify.base import BaseVerifier, Verifier, check_batch
+from pyvf.verify.base import AnswerVerifier, BaseVerifier, Verifier, check_batch
 from pyvf.verify.majority import MajorityVerifier, answer_classes, majority_vote
 from pyvf.verify.python import PythonVerifier, load_function
 from pyvf.verify.rubric import (
@@ -134,7 +134,8 @@ def _build(item, context: dict) -> Verifier:
 
 
 __all__ = [
-    "BaseVerifier", "Criterion", "MajorityVerifier", "PythonVerifier", "Rubric", "RuleVerifier", "SelfRubric",
+    "AnswerVerifier", "BaseVerifier", "Criterion", "MajorityVerifier", "PythonVerifier", "Rubric", "RuleVerifier",
+    "SelfRubric",
     "VerifreeVerifier", "Verifier", "Weighted", "answer_classes", "answer_part", "check_batch", "get_verifier",
     "load_function", "load_rubric", "majority_vote", "model_rater", "parse_rating", "read_ratings",
     "register_verifier", "verifier_names",

@@ -108,4 +108,4 @@ def _strings(name: str, values) -> list[str]:
     return list(values)
 
 
-__all__ = ["BaseVerifier", "Verifier", "check_batch"]
+__all__ = ["AnswerVerifier", "BaseVerifier", "Verifier", "check_batch"]
