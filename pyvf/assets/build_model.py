@@ -157,8 +157,8 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
 
 
 def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_every: int = 50,
-          shortcut_rates: dict[str, float] | None = None, pcl_fraction: float = 0.15, question_fraction: float = 0.1,
-          story_fraction: float = 0.15, rationalize_fraction: float = 0.1):
+          shortcut_rates: dict[str, float] | None = None, pcl_fraction: float = 0.15,
+          question_fraction: float = 0.1, story_fraction: float = 0.15, rationalize_fraction: float = 0.1):
     from transformers import Qwen3ForCausalLM
 
     shortcut_rates = dict(SHORTCUT_RATES if shortcut_rates is None else shortcut_rates)
@@ -169,7 +169,8 @@ def build(out: Path, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: i
     n_params = sum(p.numel() for p in model.parameters())
     print(f"build_model: {n_params / 1e6:.2f}M parameters, {steps} SFT steps of {batch_size}, "
           f"shortcut solutions {', '.join(f'{k} {v:.0%}' for k, v in shortcut_rates.items())}, "
-          f"{pcl_fraction:.0%} PCL, {question_fraction:.0%} question-writing, {story_fraction:.0%} story and {rationalize_fraction:.0%} rationale examples",
+          f"{pcl_fraction:.0%} PCL, {question_fraction:.0%} question-writing, {story_fraction:.0%} story and "
+          f"{rationalize_fraction:.0%} rationale examples",
           flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from pyvf.data.answers import BACKENDS
+
 
 @runtime_checkable
 class Verifier(Protocol):
@@ -59,8 +61,6 @@ class AnswerVerifier(BaseVerifier):
 
     def __init__(self, *, backend: str = "auto"):
         super().__init__()
-        from pyvf.data.answers import BACKENDS
-
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
