@@ -431,6 +431,11 @@ def _bench(args) -> int:
     return bench.main(args.device, args.sizes, args.output, impls, args.suites or None)
 
 
+# The subcommands other than train (which also takes config overrides as extra flags).
+COMMANDS = {"eval": _eval, "demo": _demo, "selfplay": _selfplay, "rationalize": _rationalize, "sft": _sft,
+            "bon": _bon, "bench": _bench}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
@@ -440,19 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, extra)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "selfplay":
-            return _selfplay(args)
-        if args.command == "rationalize":
-            return _rationalize(args)
-        if args.command == "sft":
-            return _sft(args)
-        if args.command == "bon":
-            return _bon(args)
-        return _bench(args)
+        return COMMANDS[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("PYVF_DEBUG"):
             raise

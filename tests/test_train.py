@@ -197,3 +197,12 @@ def test_train_a_chat_model(tmp_path, caplog):
     assert "chat template" in text and "<think>" in text
     assert "<|im_end|>" in text and "<|endoftext|>" in text  # both stop tokens
     assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_every_subcommand_has_a_handler():
+    import argparse
+
+    from pyvf.cli import COMMANDS, build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS) | {"train"}
