@@ -98,8 +98,7 @@ else
     >"$WORK/build.log" 2>&1
   build_rc=$?
   if [ "$build_rc" != 0 ] && [ "$build_rc" != 124 ] && [ "$build_rc" != 137 ]; then
-    # pip itself can fail (an old setuptools, say): CMake directly, as setup.py drives it,
-    # and pyvf.kernels (kernels/ under another name in the package) through a link.
+    # pip itself can fail (an old setuptools, say): CMake directly, as setup.py drives it.
     tail -15 "$WORK/build.log"
     echo "gpu_check: pip install failed (exit $build_rc); building with CMake directly"
     left=$((LIMIT_A - (SECONDS - a0)))
@@ -107,7 +106,7 @@ else
         cmake -S . -B build/cmake -DPython3_EXECUTABLE="$(command -v "$0")" -DCMAKE_BUILD_TYPE=Release \
           $(command -v ninja >/dev/null && echo -G Ninja) \
         && cmake --build build/cmake --parallel "$MAX_JOBS" \
-        && cp build/cmake/_C*.so pyvf/ && { [ -e pyvf/kernels ] || ln -s ../kernels pyvf/kernels; }' "$PY"
+        && cp build/cmake/_C*.so pyvf/' "$PY"
     } >>"$WORK/build.log" 2>&1
     build_rc=$?
   fi

@@ -1,7 +1,7 @@
 """The training pass of the lm_head: sum_t c_t log pi(t) (+ sum_t e_t H_t) and its
 gradients w.r.t. hidden and weight in one pass per chunk of rows (6NHV FLOPs), because
 the coefficients are known before the gradient is needed. Kernels:
-kernels/triton/policy_loss.py (CUDA tensors, and CPU tensors under the Triton
+pyvf/kernels/triton/policy_loss.py (CUDA tensors, and CPU tensors under the Triton
 interpreter) and csrc/token_logprobs_cpu.cpp (`policy_loss_cpu`)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Per-token log-probs (and entropies) straight from hidden states and the lm_head
-weight, without the [N, V] logits. Kernels: kernels/triton/token_logprobs.py (CUDA
+weight, without the [N, V] logits. Kernels: pyvf/kernels/triton/token_logprobs.py (CUDA
 tensors, and CPU tensors under the Triton interpreter) and csrc/token_logprobs_cpu.cpp."""
 
 from __future__ import annotations

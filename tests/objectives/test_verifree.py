@@ -38,8 +38,13 @@ def definition(logprobs, roles, cu, groups, completion, weights):
     group = {c: groups[first[c]] for c in comps}
     total = 0.0
     for c in comps:
-        others = [reward[d] for d in comps if group[d] == group[c] and d != c]
-        adv = reward[c] - sum(others) / len(others) if others else 0.0
+        # As verifree_rewards computes them: float32 rewards into grouped_advantages, which
+        # works in double and returns float32. The loss, a sum that cancels to ~1e-3 of its
+        # terms, would otherwise differ from an all-float64 definition at ~1e-6.
+        r32 = {d: float(torch.tensor(reward[d], dtype=torch.float32)) for d in comps}
+        others = [r32[d] for d in comps if group[d] == group[c] and d != c]
+        adv = r32[c] - sum(others) / len(others) if others else 0.0
+        adv = float(torch.tensor(adv, dtype=torch.float32))
         sft = sum(weights[b] * (math.exp(seqs[b][1]) if seqs[b][2] else 0.0) * seqs[b][1]
                   for b in range(len(seqs)) if completion[b] == c)
         total += -(adv * seqs[first[c]][0] + sft)
