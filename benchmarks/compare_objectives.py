@@ -31,12 +31,12 @@ from pyvf.chat import stop_token_ids
 from pyvf.data import dataset
 from pyvf.objectives import get_objective
 from pyvf.objectives.base import StepContext
+from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.policy import Policy
+from pyvf.runtime.rollout import HFGenerate
 from pyvf.train import config as config_mod
-from pyvf.train.evaluate import evaluate
-from pyvf.train.model import load_model_and_tokenizer
-from pyvf.train.policy import Policy
-from pyvf.train.rollout import HFGenerate
 from pyvf.train.trainer import DataOrder, Prompts, accumulate_gradients, rollout, train
+from pyvf.workflows.evaluate import evaluate
 
 METHODS = ["verifree", "rlpr", "nover", "verifier", "pcl", "rzero"]
 # proxy_sync_every 10: NOVER's official 100 would never sync in a 40-step run.
@@ -55,7 +55,7 @@ def run(method: str, seed: int, steps: int, out: Path, n_eval: int) -> float:
     if method == "rzero":
         import shutil
 
-        from pyvf.train.selfplay import SelfPlayConfig, selfplay
+        from pyvf.workflows.selfplay import SelfPlayConfig, selfplay
 
         shutil.rmtree(out, ignore_errors=True)  # a self-play directory would otherwise be continued
         state = selfplay(SelfPlayConfig(output_dir=str(out), seed=seed, eval_questions=0, progress=False))
@@ -84,7 +84,7 @@ def gradient_noise(objective: str, batches: int) -> float:
         ctx = StepContext(step=1000 + b, policy=policy, temperature=cfg.temperature, device=torch.device("cpu"))
         samples = rollout(cfg, engine, prompts, indices, 0, ctx.step)
         policy.zero_grad(set_to_none=True)
-        accumulate_gradients(cfg, obj, cfg.loss_agg or obj.loss_agg, policy, samples, obj.score(samples, ctx), ctx,
+        accumulate_gradients(cfg, obj, obj.config.loss_agg, policy, samples, obj.score(samples, ctx), ctx,
                              tokenizer)
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).double())
     g = torch.stack(grads)

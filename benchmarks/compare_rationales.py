@@ -44,9 +44,9 @@ def majority_by_kind(n_questions: int, ns: list[int]) -> dict[str, dict]:
     stop at </answer>)."""
     from pyvf.data import dataset
     from pyvf.data.synthetic import generate
-    from pyvf.train import bon
-    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.runtime.model import load_model_and_tokenizer
     from pyvf.verify import get_verifier
+    from pyvf.workflows import bon
 
     examples = dataset.load("synthetic", n_synthetic=n_questions, split="eval")[:n_questions]
     kinds = [p.template for p in generate(n_questions, seed=dataset.SYNTHETIC_EVAL_SEED)]
@@ -66,7 +66,7 @@ def majority_by_kind(n_questions: int, ns: list[int]) -> dict[str, dict]:
 
 def worked_verbatim(rows_path: Path) -> int:
     """How many kept rationales are their question's worked solution word for word."""
-    from pyvf.train.sft import read_rows, worked_solution_rows
+    from pyvf.workflows.sft import read_rows, worked_solution_rows
 
     rows = read_rows(rows_path)
     worked = worked_solution_rows([r["question"] for r in rows])
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     for name in ("questions", "samples", "steps", "eval_questions", "bon_questions"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    from pyvf.train.rationalize import counts_path
+    from pyvf.workflows.rationalize import counts_path
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     rationales = work / "rationales.jsonl"

@@ -9,8 +9,8 @@ B = 1.6 * 10^7. On the CPU only the small sizes run.
 
 import pytest
 import torch
-
 from conftest import run_timed
+
 from pyvf.bench import composite_advantages
 from pyvf.ops import grouped_advantages
 

@@ -13,8 +13,8 @@ skipped with its reason.
 
 import pytest
 import torch
-
 from conftest import time_lm_head
+
 from pyvf.bench.policy_loss import POLICY_LOSS_IMPLS
 from pyvf.bench.token_logprobs import CPU_SHAPES, GPU_SHAPES, lm_head_inputs
 

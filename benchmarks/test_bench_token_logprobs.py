@@ -12,8 +12,8 @@ small sizes. A peer that is not installed is skipped with its reason.
 
 import pytest
 import torch
-
 from conftest import time_lm_head
+
 from pyvf.bench import LOGPROB_IMPLS
 
 GPU_SHAPES = [(n, h, 151936) for h in (2048, 4096) for n in (4096, 16384, 65536)]

@@ -10,8 +10,8 @@ the full-logits path at 1.7B). CPU: a tiny shape in fp32.
 
 import pytest
 import torch
-
 from conftest import run_timed
+
 from pyvf.bench import _qwen3, peak_memory_bytes, random_packed_batch, train_step_fn
 
 GPU_CASES = [("qwen3-0.6b", 8, 2048), ("qwen3-1.7b", 8, 2048)]

@@ -6,8 +6,8 @@ the per-token weights), the step that turns log-probs into the loss.
 
 import pytest
 import torch
-
 from conftest import run_timed
+
 from pyvf.bench import random_packed_batch
 from pyvf.losses import verifree_loss
 

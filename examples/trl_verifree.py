@@ -82,7 +82,7 @@ def main(argv=None) -> None:
 
     from pyvf.assets import load_tokenizer
     from pyvf.integrations.trl import VeriFreeTrainer
-    from pyvf.train.model import BUILTIN_MODEL_DIR
+    from pyvf.runtime.model import BUILTIN_MODEL_DIR
 
     if args.model == "builtin":
         model_path, tokenizer = str(BUILTIN_MODEL_DIR), load_tokenizer()

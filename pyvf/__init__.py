@@ -7,8 +7,8 @@ per-group advantages. See README.md.
 
 import torch  # noqa: F401  (loads libtorch before pyvf._C needs it)
 
-from pyvf._native import build_info
 from pyvf import ops
+from pyvf._native import build_info
 
 __version__ = "0.1.0"
 __all__ = ["build_info", "ops", "__version__"]

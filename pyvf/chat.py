@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pyvf.data.synthetic import PROMPT_TEMPLATE
+
 CHAT_TEMPLATE_MODES = ("auto", "none")
 
 
@@ -42,12 +44,10 @@ def describe(tokenizer, *, chat_template: str = "auto", system_prompt: str = "",
 
 
 def _user_text(question: str, template: str) -> str:
-    from pyvf.data.synthetic import PROMPT_TEMPLATE
-
     return (template or PROMPT_TEMPLATE).format(question=question)
 
 
-def _encode_with_leading_specials(tokenizer, text: str) -> list[int]:
+def encode_with_leading_specials(tokenizer, text: str) -> list[int]:
     """`text` encoded, preceded by the special tokens the tokenizer puts in front of
     every encoding by default (a base model's BOS, as in pretraining), but without any
     it appends (an EOS would end the prompt)."""
@@ -76,7 +76,7 @@ def render_prompt_ids(tokenizer, question: str, *, template: str = "", chat_temp
     user = _user_text(question, template)
     if not uses_chat_template(tokenizer, chat_template):
         text = (f"{system_prompt}\n\n" if system_prompt else "") + user + assistant_prefix
-        return _encode_with_leading_specials(tokenizer, text)
+        return encode_with_leading_specials(tokenizer, text)
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": user}]
     from jinja2.exceptions import TemplateError

@@ -4,7 +4,9 @@ docs/algorithms.md states them, their defaults and the official code each was ch
 against."""
 
 from pyvf.objectives.base import group_stds
-from pyvf.objectives.nover import k3_kl, k3_kl_grad, nover_answer_block, nover_length_norm, nover_perplexity, nover_rewards
+from pyvf.objectives.nover import (
+    k3_kl, k3_kl_grad, nover_answer_block, nover_length_norm, nover_perplexity, nover_rewards,
+)
 from pyvf.objectives.pcl import parse_pcl_reward, pcl_consistency, pcl_consistency_rewards
 from pyvf.objectives.rlpr import (
     RLPR_FORMAT_WEIGHT, RewardStdFilter, apply_repetition_penalty, count_markers, repetition_penalty, rlpr_format_ok,

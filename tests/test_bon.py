@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from pyvf.train import bon
-from pyvf.train.bon import parse_ns, pick_best
 from pyvf.verify import get_verifier
+from pyvf.workflows import bon
+from pyvf.workflows.bon import parse_ns, pick_best
 
 NS = [1, 2, 4, 8, 16]
 # pyvf's own answer comparison (exact fractions): as strict as math-verify on these

@@ -7,15 +7,10 @@ from chat_fixtures import BOS, ENDOFTEXT, IM_END, chat_model_dir, chat_tokenizer
 
 from pyvf.assets import load_tokenizer
 from pyvf.chat import (
-    check_vocabulary,
-    describe,
-    ensure_pad_token,
-    render_prompt_ids,
-    stop_token_ids,
-    uses_chat_template,
+    check_vocabulary, describe, ensure_pad_token, render_prompt_ids, stop_token_ids, uses_chat_template,
 )
 from pyvf.data.synthetic import PROMPT_TEMPLATE
-from pyvf.train.model import load_model_and_tokenizer
+from pyvf.runtime.model import load_model_and_tokenizer
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many?"
 USER = PROMPT_TEMPLATE.format(question=QUESTION)

@@ -1,4 +1,4 @@
-"""Padding-free forward (pyvf.train.model.decoder_hidden_states): the log-probs of a
+"""Padding-free forward (pyvf.runtime.model.decoder_hidden_states): the log-probs of a
 packed batch equal those of each sequence's own forward, for the shipped model (Qwen3)
 and randomly initialized tiny Llama and Qwen2 models."""
 
@@ -9,23 +9,14 @@ import torch
 
 from pyvf.ops import token_logprobs
 from pyvf.packing import Sequence, pack
-from pyvf.train.model import (
-    _packed_is_cheaper,
-    choose_forward_mode,
-    decoder_hidden_states,
-    load_model_and_tokenizer,
-    set_forward_mode,
+from pyvf.runtime.model import (
+    _packed_is_cheaper, choose_forward_mode, decoder_hidden_states, load_model_and_tokenizer, set_forward_mode,
 )
-from pyvf.train.policy import Policy
+from pyvf.runtime.policy import Policy
 
 
 def tiny(arch: str):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")

@@ -9,8 +9,8 @@ import torch
 
 from pyvf.data import synthetic
 from pyvf.data.dataset import Example
-from pyvf.train.rationalize import counts_path, leak_reason, rationalize, split_steps
-from pyvf.train.rollout import Completion
+from pyvf.runtime.rollout import Completion
+from pyvf.workflows.rationalize import counts_path, leak_reason, rationalize, split_steps
 
 REFS = ["4/5", "0.8"]
 QUESTION = ("A jug holds 3 liters of tea and 10 more liters are added. 9 liters spill, and the rest is poured "
@@ -105,16 +105,15 @@ class PlantedEngine:
 
 @pytest.fixture(scope="module")
 def shipped():
-    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.runtime.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer("builtin")
 
 
 def test_planted_rationales_are_filtered_scored_without_the_reference_and_the_best_kept(shipped):
-    from pyvf.objectives.base import StepContext
-    from pyvf.objectives.verifree import verifree_scores
+    from pyvf.runtime.policy import Policy
     from pyvf.train.config import TrainConfig
-    from pyvf.train.policy import Policy
+    from pyvf.verify.verifree import verifree_scores
 
     model, tok = shipped
     answer = "<answer> \\boxed{4/5} </answer>"
@@ -133,10 +132,10 @@ def test_planted_rationales_are_filtered_scored_without_the_reference_and_the_be
     # the score is pi(reference | plain prompt, rationale): the reference absent from the prompt
     plain = tok(synthetic.PROMPT_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in (FORCED + answer, HONEST + answer)]
-    ctx = StepContext(step=0, policy=Policy(model), temperature=1.0, device=torch.device("cpu"))
     cfg = TrainConfig()
-    want = verifree_scores(Policy(model), tok, [plain, plain], ids, [REFS, REFS], [[0.5, 0.5]] * 2, ctx,
-                           marker=cfg.marker, answer_template=cfg.answer_template, max_seq_len=512, token_budget=4096)
+    want = verifree_scores(Policy(model), tok, [plain, plain], ids, [REFS, REFS], [[0.5, 0.5]] * 2, temperature=1.0,
+                           device=torch.device("cpu"), marker=cfg.marker, answer_template=cfg.answer_template,
+                           max_seq_len=512, token_budget=4096)
     assert row["score"] == pytest.approx(want[1].item(), rel=1e-9)
     assert 0 < want[0] < want[1]  # the forced rationale makes the reference less likely
     # a slip early on: the score cannot tell (the answer follows from the last step), the plausibility can

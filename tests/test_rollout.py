@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from pyvf.data.synthetic import PROMPT_TEMPLATE
-from pyvf.train.model import load_model_and_tokenizer
-from pyvf.train.rollout import (
-    HFGenerate,
-    StopChecker,
-    _signed,
-    greedy,
-    gumbel_noise,
-    row_key,
-    sample_tokens,
-    splitmix64,
-    splitmix64_tensor,
-)
-from pyvf.train.rollout_vllm import VLLMEngine, vllm_available
+from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.rollout.hf import HFGenerate, StopChecker, greedy
+from pyvf.runtime.rollout.seeding import as_int64, gumbel_noise, row_key, sample_tokens, splitmix64, splitmix64_tensor
+from pyvf.runtime.rollout.vllm import VLLMEngine, vllm_available
 
 QUESTIONS = ["What is 3 + 4?", "What is 12 * 7 + 1?", "What is 9 - 5?"]
 STOP = ["</answer>"]
@@ -43,7 +34,7 @@ def ids_of(group):
 
 def test_splitmix64_tensor_matches_the_integer_definition():
     xs = [0, 1, 12345, 2**63 - 1, 2**63, 2**64 - 1] + [int(v) for v in torch.randint(0, 2**62, (20,))]
-    got = splitmix64_tensor(torch.tensor([_signed(x) for x in xs])).tolist()
+    got = splitmix64_tensor(torch.tensor([as_int64(x) for x in xs])).tolist()
     assert [v & (2**64 - 1) for v in got] == [splitmix64(x) for x in xs]
 
 
@@ -51,7 +42,7 @@ def test_gumbel_max_samples_the_softmax():
     """Frequencies of sample_tokens over many independent keys match softmax(scores)."""
     scores = torch.tensor([0.0, 1.0, -1.0, 2.0, -3.0])
     rows = 40000
-    keys = torch.tensor([_signed(row_key(int(torch.randint(0, 2**62, ())), j)) for j in range(rows)])
+    keys = torch.tensor([as_int64(row_key(int(torch.randint(0, 2**62, ())), j)) for j in range(rows)])
     tokens = sample_tokens(scores.expand(rows, -1), keys, step=3)
     freq = torch.bincount(tokens, minlength=5).double() / rows
     probs = torch.softmax(scores.double(), -1)
@@ -192,7 +183,7 @@ def test_min_new_tokens_forbids_eos_at_first_and_keeps_the_model_logprobs(hf, pr
     assert engine.generate([], 1, max_new_tokens=3, temperature=1.0, seeds=[], stop=[]) == []
 
 
-@pytest.mark.skipif(vllm_available(), reason="vLLM is installed here (tests/vllm/ covers the engine)")
+@pytest.mark.skipif(vllm_available(), reason="vLLM is installed here (tests/engine_vllm/ covers the engine)")
 def test_vllm_engine_without_vllm_says_what_to_install(tmp_path):
     with pytest.raises(ImportError, match="pip install vllm") as e:
         VLLMEngine.from_model(tmp_path)

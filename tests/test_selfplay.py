@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyvf.train import selfplay as selfplay_mod
 from pyvf.train.config import ConfigError
-from pyvf.train.selfplay import SelfPlayConfig, selfplay
+from pyvf.workflows import selfplay as selfplay_mod
+from pyvf.workflows.selfplay import SelfPlayConfig, selfplay
 
 TINY = dict(challenger_steps=2, solver_steps=2, questions=8, solver_samples=3, prompts_per_step=2,
             challenger_group_size=2, solver_group_size=2, max_new_tokens=40, eval_questions=0, progress=False,

@@ -10,14 +10,7 @@ import torch
 from pyvf.data import synthetic
 from pyvf.data.dataset import synthetic_examples
 from pyvf.packing import IGNORE_INDEX, pack
-from pyvf.train.sft import (
-    lr_factor,
-    read_rows,
-    sft,
-    sft_loss,
-    sft_sequence,
-    worked_solution_rows,
-)
+from pyvf.workflows.sft import lr_factor, read_rows, sft, sft_loss, sft_sequence, worked_solution_rows
 
 # A habit the shipped model does not have: a sentence before the arithmetic.
 NEW_HABIT = " Let me work it out step by step."
@@ -25,7 +18,7 @@ NEW_HABIT = " Let me work it out step by step."
 
 @pytest.fixture()
 def shipped():
-    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.runtime.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer("builtin")
 
@@ -51,7 +44,7 @@ def test_only_the_completion_and_eos_are_targets(shipped):
 
 
 def test_loss_is_the_mean_nll_of_the_completion_tokens(shipped):
-    from pyvf.train.policy import Policy
+    from pyvf.runtime.policy import Policy
 
     model, tok = shipped
     rows = rows_with_habit(3)
@@ -71,7 +64,7 @@ def test_loss_is_the_mean_nll_of_the_completion_tokens(shipped):
 
 
 def test_training_lowers_the_loss(shipped):
-    from pyvf.train.policy import Policy
+    from pyvf.runtime.policy import Policy
 
     model, tok = shipped
     rows = rows_with_habit(6)
@@ -87,7 +80,7 @@ def test_training_lowers_the_loss(shipped):
 
 
 def test_seeded_runs_repeat(shipped):
-    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.runtime.model import load_model_and_tokenizer
 
     model, tok = shipped
     rows = rows_with_habit(6)
@@ -124,8 +117,8 @@ def test_worked_solution_rows_and_bad_rows(tmp_path):
 
 def test_sft_command_writes_a_model_that_loads_and_evaluates(tmp_path, shipped):
     from pyvf.cli import main
-    from pyvf.train.evaluate import evaluate
-    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.runtime.model import load_model_and_tokenizer
+    from pyvf.workflows.evaluate import evaluate
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows_with_habit(6)))

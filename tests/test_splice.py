@@ -2,9 +2,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers_for_tests import ALL
 
 from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, splice_reference
-from tokenizers_for_tests import ALL
 
 MARKER = "<answer"
 TOKENIZERS = list(ALL)

@@ -158,14 +158,22 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 
 
 def test_train_help_lists_every_key():
-    from dataclasses import fields
-
+    """The common keys and every objective's, each with its default."""
+    from pyvf.objectives import get_objective, objective_names
+    from pyvf.options import keys
     from pyvf.train.config import TrainConfig
 
-    proc = subprocess.run([sys.executable, "-m", "pyvf.cli", "train", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pyvf.cli", "train", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "1000"})
     assert proc.returncode == 0
-    for f in fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in proc.stdout
+    lines = proc.stdout.splitlines()
+    every = [keys(TrainConfig)] + [keys(get_objective(name).Config) for name in objective_names()]
+    for fields in every:
+        for name in fields:
+            at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"--{name.replace('_', '-')} "))
+            entry = " ".join(lines[at:at + 2])  # argparse puts a long option's help on the next line
+            assert "(default: " in entry, entry
+    assert "objective rlpr (--objective rlpr):" in proc.stdout and "keys of several objectives" in proc.stdout
 
 
 def test_eval_on_jsonl(tmp_path):

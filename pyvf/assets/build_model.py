@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from pyvf.assets import ASSETS, load_tokenizer
+from pyvf.data import openended
 from pyvf.data.dataset import SYNTHETIC_TRAIN_SEED
 from pyvf.data.synthetic import (
     ANSWER_TEMPLATE, PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, RATIONALIZE_TEMPLATE, generate,
@@ -127,7 +128,6 @@ def sft_batches(tokenizer, n_examples: int, batch_size: int, seed: int, shortcut
     examples use the PCL prompt, a `question_fraction` the question-writing prompt, a
     `story_fraction` are rated stories of the open-ended task and a
     `rationalize_fraction` reference-guided rationales."""
-    from pyvf.data import openended
 
     problems = generate(n_examples, seed=seed)
     stories = openended.warmup_pairs(n_examples, seed=seed)

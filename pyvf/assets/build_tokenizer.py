@@ -14,9 +14,8 @@ from pathlib import Path
 
 from pyvf.assets import TOKENIZER_DIR
 from pyvf.data import openended
-from pyvf.data.synthetic import (
-    PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, RATIONALIZE_TEMPLATE, generate,
-)
+from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE, QUESTION_PROMPT, QUESTION_TEMPLATE, RATIONALIZE_TEMPLATE, generate
+from pyvf.objectives.pcl import pcl_evaluation_text
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -25,8 +24,6 @@ CORPUS_SIZE = 20000
 
 
 def corpus() -> list[str]:
-    from pyvf.objectives.pcl import pcl_evaluation_text
-
     texts = []
     for k, p in enumerate(generate(CORPUS_SIZE, seed=CORPUS_SEED)):
         texts.append(p.prompt + p.completion + EOS)

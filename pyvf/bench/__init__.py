@@ -8,12 +8,13 @@ table and can write JSON/markdown/PNG. Each suite is one module of this package 
 
 and optionally `IMPLS` (the implementation names its `impls` filter accepts). This
 module holds what the suites share: timing, peak memory, `Record`, the results format
-and `main`. The pytest-benchmark suites in benchmarks/ import the same implementations,
+and `run_suites` (with `add_args` and `main`, the `pyvf bench` command). The pytest-benchmark suites in benchmarks/ import the same implementations,
 so every number compares the same code.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib
 import json
@@ -24,6 +25,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+
+from pyvf.options import ConfigError
+from pyvf.packing import Sequence, pack
 
 # Suite name -> module. New suites add a line here.
 SUITES: dict[str, str] = {
@@ -47,7 +51,6 @@ def load_suite(name: str):
 def suite_impls(suites) -> dict[str, list[str]]:
     """Suite -> the implementation names its `impls` filter accepts (empty when it has none)."""
     return {s: list(getattr(load_suite(s), "IMPLS", ())) for s in suites}
-
 
 # ---------------------------------------------------------------------------
 # Measurement
@@ -141,7 +144,6 @@ def measure(rec: Record, call: Callable[[], object], device: torch.device, flops
             torch.cuda.empty_cache()
     return rec
 
-
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -224,7 +226,6 @@ def format_table(records: list[Record]) -> str:
 def random_packed_batch(n_seq: int, seq_len: int, vocab: int, group_size: int, device, seed: int = 0):
     """A packed batch of n_seq sequences of seq_len tokens: 20% prompt, 70% reasoning,
     10% answer, random tokens."""
-    from pyvf.packing import Sequence, pack
 
     g = torch.Generator().manual_seed(seed)
     p, a = max(1, seq_len // 5), max(1, seq_len // 10)
@@ -254,8 +255,8 @@ def write_results(records: list[Record], output: str, device: torch.device, comm
     return written
 
 
-def main(device: str | None, sizes: list[int] | None, output: str | None, impls: list[str] | None = None,
-         suites: list[str] | None = None) -> int:
+def run_suites(device: str | None, sizes: list[int] | None, output: str | None, impls: list[str] | None = None,
+               suites: list[str] | None = None) -> int:
     """Runs `suites` (default: DEFAULT_SUITES) and prints one table. `sizes` bounds the
     batch sizes each suite uses; `impls` filters implementations in the suites that
     have them (a name no chosen suite knows is a ValueError)."""
@@ -280,6 +281,43 @@ def main(device: str | None, sizes: list[int] | None, output: str | None, impls:
         written = write_results(records, output, dev, command)
         print(f"bench: wrote {', '.join(written)}")
     return 0
+
+
+HELP = "time the ops at sizes that fit this machine and print a table"
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(s)) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--sizes", type=_sizes, default=None,
+                        help="comma-separated batch sizes, e.g. 1e4,1e6 (default: by device)")
+    parser.add_argument("--output", default=None, help="also write the results as JSON (and .md, .png) to this file")
+    parser.add_argument("suites", nargs="*", metavar="SUITE",
+                        help=f"suites to run (default: {' '.join(DEFAULT_SUITES)}); one or more of "
+                             f"{', '.join(SUITES)}")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated implementations, each suite keeps the ones it knows (default: all)")
+
+
+def main(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.suites) - set(SUITES))
+    if unknown:
+        raise ConfigError(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    impls = args.impls.split(",") if args.impls else None
+    known = {i for names in suite_impls(args.suites or DEFAULT_SUITES).values() for i in names}
+    unknown = sorted(set(impls or []) - known)
+    if unknown:
+        raise ConfigError(f"unknown --impls {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return run_suites(args.device, args.sizes, args.output, impls, args.suites or None)
 
 
 # Names the benchmarks/ suites and scripts import from `pyvf.bench`, resolved lazily so

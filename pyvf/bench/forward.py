@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 
 from pyvf.bench import Record, default_dtype, dtype_name, peak_memory_bytes, time_ms
+from pyvf.bench.train_step import _qwen3
+from pyvf.packing import Sequence, pack
+from pyvf.runtime.model import choose_forward_mode, load_model_and_tokenizer, set_forward_mode
+from pyvf.runtime.policy import Policy
 
 IMPLS = ("padded", "packed", "longest-alone")
 # (long sequences, long length, short sequences, short length): 1 x 500 + 63 x 8 tokens
@@ -18,7 +22,6 @@ DEFAULT_SKEW = (1, 500, 63, 8)
 def skewed_batch(vocab: int, n_long: int, long_len: int, n_short: int, short_len: int, seed: int = 0):
     """Packed batch of n_long sequences of long_len and n_short of short_len tokens (first
     a fifth prompt, the rest reasoning), groups of 8."""
-    from pyvf.packing import Sequence, pack
 
     g = torch.Generator().manual_seed(seed)
     seqs = []
@@ -31,20 +34,14 @@ def skewed_batch(vocab: int, n_long: int, long_len: int, n_short: int, short_len
 
 def _model(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda":
-        from pyvf.bench.train_step import _qwen3
-
         model = _qwen3("qwen3-0.6b", 151936, dtype, device)
         model.gradient_checkpointing_disable()
         return model
-    from pyvf.train.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer("builtin", dtype)[0].to(device)
 
 
 def forward_backward_fn(model, batch, mode: str):
-    from pyvf.train.model import set_forward_mode
-    from pyvf.train.policy import Policy
-
     policy = Policy(model)
     device = model.get_output_embeddings().weight.device
     batch = batch.to(device)
@@ -60,8 +57,6 @@ def forward_backward_fn(model, batch, mode: str):
 def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] | None = None,
         skew: tuple[int, int, int, int] = DEFAULT_SKEW) -> list[Record]:
     """`sizes`, when given, replaces the long sequence's length."""
-    from pyvf.packing import pack
-    from pyvf.train.model import choose_forward_mode
 
     dtype = default_dtype(device)
     model = _model(device, dtype)

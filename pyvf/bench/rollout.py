@@ -12,7 +12,13 @@ import time
 
 import torch
 
+from pyvf.assets import load_tokenizer
 from pyvf.bench import Record, default_dtype, dtype_name
+from pyvf.bench.train_step import _qwen3
+from pyvf.chat import stop_token_ids
+from pyvf.data.synthetic import PROMPT_TEMPLATE
+from pyvf.runtime.model import BUILTIN_MODEL_DIR, load_model_and_tokenizer
+from pyvf.runtime.rollout import HFGenerate
 
 IMPLS = ("hf-per-prompt", "hf-batched", "vllm")
 
@@ -48,16 +54,12 @@ class PerPromptGenerate:
 
 
 def _shipped(device, dtype):
-    from pyvf.train.model import BUILTIN_MODEL_DIR, load_model_and_tokenizer
-
     model, tok = load_model_and_tokenizer("builtin", dtype)
     return model.to(device), tok, str(BUILTIN_MODEL_DIR)
 
 
 def _qwen3_0_6b(device, dtype, workdir: str):
-    from pyvf.assets import load_tokenizer
-    from pyvf.bench.train_step import _qwen3
-    from pyvf.train.rollout_vllm import export_model_dir
+    from pyvf.runtime.rollout.vllm import export_model_dir
 
     model = _qwen3("qwen3-0.6b", 151936, dtype, device)
     model.gradient_checkpointing_disable()
@@ -69,8 +71,6 @@ def _qwen3_0_6b(device, dtype, workdir: str):
 
 
 def prompt_batch(tok, n_prompts: int) -> list[list[int]]:
-    from pyvf.data.synthetic import PROMPT_TEMPLATE
-
     return [tok(PROMPT_TEMPLATE.format(question=f"What is {3 + 7 * i} + {11 * i % 17}?"),
                 add_special_tokens=False)["input_ids"] for i in range(n_prompts)]
 
@@ -88,9 +88,7 @@ def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] |
     """`sizes`: prompts per step (default 16). Each engine samples the same prompts with
     the same seeds `repeats` times after one warm-up call; the record's `n` is the number
     of tokens sampled per call and `tokens_per_s` the rate."""
-    from pyvf.chat import stop_token_ids
-    from pyvf.train.rollout import HFGenerate
-    from pyvf.train.rollout_vllm import VLLMEngine, vllm_available
+    from pyvf.runtime.rollout.vllm import VLLMEngine, vllm_available
 
     dtype = default_dtype(device)
     max_new_tokens = max_new_tokens or (256 if device.type == "cuda" else 64)

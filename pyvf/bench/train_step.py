@@ -11,6 +11,11 @@ from typing import Callable
 import torch
 
 from pyvf.bench import Record, default_dtype, dtype_name, peak_memory_bytes, random_packed_batch, time_ms
+from pyvf.losses import verifree_loss
+from pyvf.objectives.verifree import verifree_coefficients
+from pyvf.packing import ROLE_ANSWER
+from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.policy import Policy
 
 QWEN3_SHAPES = {
     # name: (hidden, layers, heads, kv heads, intermediate); vocabulary 151936, head_dim 128
@@ -26,8 +31,6 @@ def _qwen3(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if shape == "builtin":
-        from pyvf.train.model import load_model_and_tokenizer
-
         return load_model_and_tokenizer("builtin", dtype)[0].to(device)
 
     hidden, layers, heads, kv, inter = QWEN3_SHAPES[shape]
@@ -47,10 +50,6 @@ def train_step_fn(model, batch, impl: str):
     trainer's path (hidden states, answer rows first, fused lm_head pass);
     `pyvf-autograd`: the same with token_logprobs + autograd; `full-logits`: the model's
     logits -> fp32 log-softmax -> verifree_loss."""
-    from pyvf.losses import verifree_loss
-    from pyvf.objectives.verifree import verifree_coefficients
-    from pyvf.packing import ROLE_ANSWER
-    from pyvf.train.policy import Policy
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
     padded = batch.padded()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from pyvf.bench import Record, peak_memory_bytes, random_packed_batch, time_ms
+from pyvf.losses import verifree_loss
 
 
 def bench_verifree_loss(n_seq: int, seq_len: int, device: torch.device) -> list[Record]:
-    from pyvf.losses import verifree_loss
-
     batch = random_packed_batch(n_seq, seq_len, 1000, 8, device)
     logprobs = (-torch.rand(batch.input_ids.numel(), device=device)).requires_grad_()
 

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-from pyvf.data import synthetic
+from pyvf.data import openended, synthetic
+from pyvf.data.example import Example
 
 log = logging.getLogger("pyvf")
-
-
-@dataclass(frozen=True)
-class Example:
-    question: str
-    answers: tuple[str, ...]      # equivalent references, first is canonical
-    weights: tuple[float, ...]    # one per answer, summing to 1
 
 
 def _row_to_example(row) -> Example | None:
@@ -83,7 +76,5 @@ def load(spec: str, *, n_synthetic: int = 5000, split: str = "train") -> list[Ex
         seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
         return synthetic_examples(n_synthetic, seed)
     if spec == "openended":
-        from pyvf.data import openended
-
         return openended.examples(n_synthetic, openended.TRAIN_SEED if split == "train" else openended.EVAL_SEED)
     return load_jsonl(spec)

@@ -1,5 +1,5 @@
 """The built-in open-ended task: short stories rated against a rubric, with no reference
-answer (docs/DESIGN.md 1.8, self-rated rubric). Small enough for the shipped tiny model.
+answer (docs/algorithms.md: Self-rated rubric). Small enough for the shipped tiny model.
 
 A prompt asks for a story about a name and some items; the completion is the story,
 a new line, and the model's own rating of it in the rubric's format
@@ -41,8 +41,11 @@ import random
 import re
 from dataclasses import dataclass
 
+from pyvf.data.example import Example
+from pyvf.data.rubric import OPEN, load_rubric
+
 # The synthetic task's names and items: the shipped tokenizer already has them as tokens.
-from pyvf.data.synthetic import _ITEMS, _NAMES
+from pyvf.data.synthetic import ITEMS, NAMES
 
 QUESTION_TEMPLATE = "Write a short story about {name} and the {items}."
 PROMPT_TEMPLATE = "Task: {question}\nWrite the story, then rate it.\nStory:"
@@ -52,7 +55,6 @@ RUBRIC = "story"                   # the built-in rubric: pyvf/data/rubrics/stor
 TRAIN_SEED = 1
 EVAL_SEED = 2
 
-_RATING_OPEN = "<rating>"          # pyvf.verify.rubric.OPEN (not imported here: see _rubric)
 
 # --- the grammar ---------------------------------------------------------------------------
 # Each pool is one kind of sentence; {name}, {items} and {n} are filled from the task.
@@ -109,7 +111,7 @@ def generate_tasks(n: int, seed: int = 0) -> list[Task]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    return [Task(rng.choice(_NAMES), rng.choice(_ITEMS)) for _ in range(n)]
+    return [Task(rng.choice(NAMES), rng.choice(ITEMS)) for _ in range(n)]
 
 
 def write_story(task: Task, rng: random.Random) -> str:
@@ -143,7 +145,7 @@ def write_story(task: Task, rng: random.Random) -> str:
 
 def story_part(text: str) -> str:
     """`text` without a rating block: everything before the first `<rating>`."""
-    pos = text.find(_RATING_OPEN)
+    pos = text.find(OPEN)
     return (text if pos < 0 else text[:pos]).strip()
 
 
@@ -198,10 +200,6 @@ def true_rating(text: str) -> dict[str, int]:
 
 
 def _rubric():
-    # Imported here: pyvf.verify imports pyvf.data (answers), so importing it while
-    # pyvf.data is being imported would be circular.
-    from pyvf.verify.rubric import load_rubric
-
     return load_rubric(RUBRIC)
 
 
@@ -220,19 +218,17 @@ def completion_text(story: str) -> str:
     return f" {story}\n{rating_block(story)}"
 
 
+def examples(n: int, seed: int) -> list[Example]:
+    """n `Example`s with no reference answer (answers and weights empty)."""
+    return [Example(t.question, (), ()) for t in generate_tasks(n, seed=seed)]
+
+
 def warmup_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n (prompt, completion) pairs for supervised warm-up: a story of random quality
     and its true rating, so a model learns to write stories and to rate them."""
     rng = random.Random(seed)
     tasks = generate_tasks(n, seed=rng.randrange(2**31))
     return [(t.prompt, completion_text(write_story(t, rng))) for t in tasks]
-
-
-def examples(n: int, seed: int) -> list:
-    """n `pyvf.data.dataset.Example`s with no reference answer (answers and weights empty)."""
-    from pyvf.data.dataset import Example
-
-    return [Example(t.question, (), ()) for t in generate_tasks(n, seed=seed)]
 
 
 __all__ = ["EVAL_SEED", "PROMPT_TEMPLATE", "QUESTION_TEMPLATE", "RUBRIC", "TRAIN_SEED", "Task", "completion_text",

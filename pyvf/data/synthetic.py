@@ -31,9 +31,9 @@ RATIONALIZE_TEMPLATE = ("Question: {question}\nReference answer: {reference}\nGi
                         "mention prior access to the reference answer. Include intermediate steps, rationale, and "
                         "any necessary backtracking.\nReasoning:")
 
-_NAMES = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mira",
+NAMES = ["Ada", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mira",
           "Noor", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tara"]
-_ITEMS = ["apples", "pencils", "marbles", "cookies", "stickers", "books", "coins", "shells", "cards", "stones"]
+ITEMS = ["apples", "pencils", "marbles", "cookies", "stickers", "books", "coins", "shells", "cards", "stones"]
 _LIQUIDS = ["water", "juice", "milk", "tea", "paint", "oil"]
 
 
@@ -93,7 +93,7 @@ def _fmt(x: Fraction) -> str:
 
 
 def _share(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)
     a, b, c = rng.randint(2, 30), rng.randint(1, 20), rng.randint(2, 9)
     total = Fraction(a + b)
     ans = total / c
@@ -105,7 +105,7 @@ def _share(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
 
 
 def _give_away(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)
     c = rng.randint(2, 8)
     b = rng.randint(1, 15)
     a = b + rng.randint(1, 40)
@@ -118,7 +118,7 @@ def _give_away(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
 
 
 def _packs(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    name, items = rng.choice(NAMES), rng.choice(ITEMS)
     a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 10)
     ans = Fraction(a * b, c)
     q = (f"{name} buys {a} packs of {b} {items} and splits them equally among {c} children. "
@@ -141,7 +141,7 @@ def _pour(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
 
 
 def _rate(rng: random.Random) -> tuple[str, str, Fraction, str, Fraction]:
-    name = rng.choice(_NAMES)
+    name = rng.choice(NAMES)
     a, b, c = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 10)
     ans = Fraction(a * b, c)
     q = (f"{name} walks {a} km every hour for {b} hours, and the path has {c} equal parts. "

@@ -270,11 +270,11 @@ def _row(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
 def _score_forward(model, sequences: list[Sequence], pad_id: int, device, layout_model: nn.Module):
     """Per-token log-probs (packed order) of packed sequences through the model's fused
     head: one decoder forward, `token_logprobs` on the rows that have a target. The
-    layout is pyvf's (`pyvf.train.model.choose_forward_mode`, decided once per model):
+    layout is pyvf's (`pyvf.runtime.model.choose_forward_mode`, decided once per model):
     padding-free [1, T] with position_ids restarting per sequence where the attention
     takes it, else padded [B, L]. `model` may be wrapped (DDP, PEFT); `layout_model` is
     the transformers model underneath."""
-    from pyvf.train.model import choose_forward_mode
+    from pyvf.runtime.model import choose_forward_mode
 
     batch = pack(sequences)
     if choose_forward_mode(layout_model, device) == "packed":

@@ -17,7 +17,7 @@ _REGISTRY: dict[str, type[Objective] | str] = {
     "verifree": "pyvf.objectives.verifree:VeriFree",
     "rlpr": "pyvf.objectives.rlpr:RLPR",
     "nover": "pyvf.objectives.nover:NOVER",
-    "verifier": "pyvf.objectives.verifier:Verifier",
+    "verifier": "pyvf.objectives.verifier:VerifierBaseline",
     "pcl": "pyvf.objectives.pcl:PCL",
     "rzero": "pyvf.objectives.rzero:RZeroChallenger",
     "selfrubric": "pyvf.objectives.selfrubric:SelfRubric",

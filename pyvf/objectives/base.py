@@ -26,12 +26,24 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from pyvf.data.dataset import Example
+from pyvf.options import option
 from pyvf.packing import ROLE_REASONING, PackedBatch, Sequence
 
 if TYPE_CHECKING:
     from pyvf.train.config import TrainConfig
 
 LOSS_AGGREGATIONS = ("seq_mean_token_sum", "token_mean", "seq_mean_token_mean")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The keys every objective has. Each objective's `Config` subclasses it with its own
+    keys and the method's official defaults (docs/algorithms.md); `pyvf train` takes them
+    as --key value like the common keys, and --help lists them per objective."""
+    loss_agg: str = option("token_mean", "how the step's loss averages the per-token terms: over completions of "
+                                         "per-completion sums (seq_mean_token_sum), over all trained tokens "
+                                         "(token_mean) or over completions of per-completion means",
+                           choices=LOSS_AGGREGATIONS)
 
 
 @dataclass
@@ -76,7 +88,7 @@ class MicroBatch:
 class StepContext:
     """What an objective may use during a step."""
     step: int
-    policy: torch.nn.Module       # pyvf.train.policy.Policy: policy(batch, temperature) -> log-probs (no grad)
+    policy: torch.nn.Module       # pyvf.runtime.policy.Policy: policy(batch, temperature) -> log-probs (no grad)
     temperature: float
     device: torch.device
     world: int = 1
@@ -92,14 +104,15 @@ class Objective:
     """Base class; subclasses live one per file in pyvf/objectives/."""
 
     name: ClassVar[str] = ""
-    loss_agg: ClassVar[str] = "token_mean"      # the official choice of the method
+    Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig   # the method's own keys and defaults
     advantage_estimator: ClassVar[str] = "grpo"
     advantage_eps: ClassVar[float] = 1e-6
     prompt_template: ClassVar[str] = ""         # the method's prompt when the config sets none ("" = the task's)
     needs_references: ClassVar[bool] = True     # False: trains on examples without a reference answer
 
     def __init__(self, cfg: "TrainConfig", tokenizer):
-        self.cfg = cfg
+        self.cfg = cfg                  # the common keys (pyvf.train.config.TrainConfig)
+        self.config = cfg.objective_config if isinstance(cfg.objective_config, self.Config) else self.Config()
         self.tokenizer = tokenizer
 
     # -- once --------------------------------------------------------------------------
@@ -128,8 +141,9 @@ class Objective:
 
     def group_filter(self):
         """An object with `keep(group_stds, step, round) -> bool mask over the round's
-        groups` (RLPR's reward-std filter), or None: no filtering, no extra rounds. The
-        stds are those of all ranks, so every rank makes the same decision."""
+        groups` and `extra_rounds` (at most that many more sampling rounds refill the step;
+        RLPR's reward-std filter), or None: no filtering, no extra rounds. The stds are
+        those of all ranks, so every rank makes the same decision."""
         return None
 
     def sequences(self, samples: list[Sample]) -> TrainSequences:
@@ -167,11 +181,6 @@ class Objective:
         """-(c) of the plain policy gradient: A of the row's sample on completion rows, 0 elsewhere."""
         adv = ctx.advantages.to(mb.device, torch.float64)[mb.owner.to(mb.device)][mb.row_sequence]
         return torch.where(mb.batch.roles.to(mb.device) == ROLE_REASONING, adv, torch.zeros_like(adv))
-
-    def resolve(self, key: str, default):
-        """A config value that defaults to the method's own (None in the config)."""
-        value = getattr(self.cfg, key)
-        return default if value is None else value
 
 
 def index_in_group(samples: list[Sample]) -> list[int]:
@@ -254,35 +263,3 @@ def per_token_rows(mb: MicroBatch, per_sample: list[list[float] | None]) -> torc
         first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first reasoning token
         out[first:first + n] = torch.tensor(values[:n], dtype=torch.float64)
     return out.to(mb.device)
-
-
-@torch.no_grad()
-def score_rows(policy, sequences: list[Sequence], ctx: StepContext, token_budget: int, *,
-               temperature: float | None = None) -> list[torch.Tensor]:
-    """No-grad log-probs of every non-prompt token of each sequence (reasoning, answer,
-    post, in order), one CPU tensor per sequence, in packed chunks of at most
-    `token_budget` tokens. Every rank runs as many forwards as the busiest one, so a
-    sharded policy's collectives pair up. Every sequence needs a prompt (the row before
-    its first scored token)."""
-    if any(not s.prompt_ids for s in sequences):
-        raise ValueError("sequences: score_rows needs a non-empty prompt in every sequence")
-    from pyvf.packing import pack, plan_micro_batches
-    from pyvf.train import distributed
-
-    temperature = ctx.temperature if temperature is None else temperature
-    plan = plan_micro_batches([len(s) for s in sequences], list(range(len(sequences))), token_budget) \
-        if sequences else []
-    n_chunks = int(distributed.all_max(float(len(plan)), ctx.device))
-    out: list[torch.Tensor | None] = [None] * len(sequences)
-    for k in range(n_chunks):
-        chunk = plan[k] if k < len(plan) else None
-        seqs = [sequences[i] for i in chunk] if chunk else [Sequence([0], [0], [], group=0)]
-        batch = pack(seqs)
-        logprobs = policy(batch, temperature).detach().cpu().double()
-        if chunk is None:
-            continue
-        starts = batch.cu_seqlens.tolist()
-        for b, (i, seq) in enumerate(zip(chunk, seqs)):
-            first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first non-prompt token
-            out[i] = logprobs[first:first + len(seq) - len(seq.prompt_ids)]
-    return out

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 
 import torch
 
 from pyvf.objectives.base import (
-    MicroBatch, Objective, Sample, StepContext, add_metric, check_same_length, per_token_rows, score_rows,
+    MicroBatch, Objective, ObjectiveConfig, Sample, StepContext, add_metric, check_same_length, per_token_rows,
 )
+from pyvf.options import option
 from pyvf.packing import ROLE_REASONING, Sequence
+from pyvf.runtime import distributed
+from pyvf.runtime.model import load_weights
+from pyvf.runtime.policy import Policy, score_rows
 from pyvf.splice import splice_reference
-from pyvf.train import distributed
 
 
 def nover_answer_block(reference: str, *, tag: str = "answer") -> str:
@@ -100,23 +104,29 @@ def nover_valid(text: str, *, think: bool = False) -> bool:
     return re.fullmatch(pattern, body, re.DOTALL) is not None
 
 
+@dataclass
+class NOVERConfig(ObjectiveConfig):
+    kl_beta: float = option(0.1, "k3 KL to the proxy, NOVER's reference model (official 0.1)", minimum=0)
+    proxy_sync_every: int = option(100, "proxy <- alpha proxy + (1 - alpha) policy every N steps (official 100)",
+                                   minimum=1)
+    proxy_alpha: float = option(0.9, "alpha of the proxy's update (official 0.9)", minimum=0, maximum=1)
+
+
 class NOVER(Objective):
     name = "nover"
-    loss_agg = "token_mean"
+    Config = NOVERConfig
     advantage_estimator = "grpo"
     advantage_eps = 1e-4
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.kl_beta = self.resolve("kl_beta", 0.1)
+        self.kl_beta = self.config.kl_beta
         self.think = "<think>" in (cfg.prompt_template + cfg.assistant_prefix + cfg.system_prompt)
         self.proxy = None
         self.sharded = False
         self._reference_logprobs: list[list[float] | None] = []
 
     def attach(self, policy) -> None:
-        from pyvf.train.policy import Policy
-
         self.proxy = Policy(copy.deepcopy(policy.model), backend=policy.backend, lm_head_pass="autograd")
         self.proxy.requires_grad_(False)
         self.proxy.eval()
@@ -129,13 +139,13 @@ class NOVER(Objective):
     @torch.no_grad()
     def _sync_proxy(self, policy) -> None:
         """proxy <- alpha proxy + (1 - alpha) policy (official: every 100 steps, alpha 0.9)."""
-        alpha = self.cfg.proxy_alpha
+        alpha = self.config.proxy_alpha
         for p_proxy, p_policy in zip(self.proxy.parameters(), policy.parameters()):
             p_proxy.mul_(alpha).add_(p_policy.detach(), alpha=1 - alpha)
 
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
         cfg, tok = self.cfg, self.tokenizer
-        if ctx.step > 1 and (ctx.step - 1) % cfg.proxy_sync_every == 0:
+        if ctx.step > 1 and (ctx.step - 1) % self.config.proxy_sync_every == 0:
             self._sync_proxy(ctx.policy)
         texts = [cfg.assistant_prefix + tok.decode(s.ids, skip_special_tokens=True) for s in samples]
         valid = torch.tensor([not s.truncated and nover_valid(t, think=self.think) for s, t in zip(samples, texts)])
@@ -152,7 +162,7 @@ class NOVER(Objective):
                 weights.append(w)
                 reasoning_len.append(len(sp.reasoning_ids))
         # The official perplexity runs the proxy at temperature 1.
-        logprobs = score_rows(self.proxy, seqs, ctx, cfg.micro_batch_tokens, temperature=1.0)
+        logprobs = score_rows(self.proxy, seqs, cfg.micro_batch_tokens, temperature=1.0, device=ctx.device)
         nll = torch.tensor([-float(lp[r:].mean()) for lp, r in zip(logprobs, reasoning_len)], dtype=torch.float64)
         ppl = nover_perplexity(nll, torch.tensor(reasoning_len, dtype=torch.float64)) if seqs else nll
         perplexity = torch.full((len(samples),), float("inf"), dtype=torch.float64)
@@ -171,7 +181,8 @@ class NOVER(Objective):
             # The proxy is the KL reference: its log-probs of the completions as trained.
             room = [max(0, cfg.max_seq_len - len(s.prompt_ids)) for s in samples]
             completions = [Sequence(s.prompt_ids, s.ids[:r], [], group=s.group) for s, r in zip(samples, room)]
-            ref = score_rows(self.proxy, completions, ctx, cfg.micro_batch_tokens)
+            ref = score_rows(self.proxy, completions, cfg.micro_batch_tokens, temperature=ctx.temperature,
+                             device=ctx.device)
             self._reference_logprobs = [lp.tolist() for lp in ref]
         return rewards
 
@@ -194,8 +205,6 @@ class NOVER(Objective):
         return {"proxy": distributed.full_model_state(self.proxy, self.sharded)}
 
     def load_state_dict(self, state: dict) -> None:
-        from pyvf.train.model import load_weights
-
         if "proxy" not in state:
             raise ValueError("the checkpoint has no NOVER state (proxy weights): was it written by another objective?")
         load_weights(self.proxy.model, state["proxy"])

@@ -23,15 +23,20 @@ import math
 import operator
 import re
 from collections import abc
+from dataclasses import dataclass
 
 import torch
 
 from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE
 from pyvf.objectives.base import (
-    MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric, index_in_group,
+    LOSS_AGGREGATIONS, MicroBatch, Objective, ObjectiveConfig, Sample, StepContext, TrainSequences, add_metric,
+    index_in_group,
 )
+from pyvf.objectives.verifier import verifier_rewards
+from pyvf.options import option
 from pyvf.packing import ROLE_POST, Sequence
-
+from pyvf.runtime.rollout import continuation_seed
+from pyvf.verify.verifree import verifree_scores
 
 _REWARD_BLOCK = re.compile(r"<reward>.*?</reward>", re.DOTALL)
 _ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -128,16 +133,27 @@ def pcl_evaluation_text(accuracy: float, answer_format: float) -> str:
             f" <reward> [{_number(accuracy)}, {_number(answer_format)}] </reward>")
 
 
+@dataclass
+class PCLConfig(ObjectiveConfig):
+    loss_agg: str = option("token_mean", "official: TRL 0.18's bnpo, a mean over all trained tokens",
+                           choices=LOSS_AGGREGATIONS)
+    pcl_accuracy: str = option("verifier", "the accuracy target: verifier (the rule checker) or verifree "
+                               "(pi(y*|x,z) of the reference after the reasoning)", choices=("verifier", "verifree"))
+    pcl_sft_answer: float = option(0.1, "SFT weight on the reasoning and answer of correct samples", minimum=0)
+    pcl_sft_evaluation: float = option(0.1, "SFT weight on the evaluation written from the true rewards",
+                                       minimum=0)
+    pcl_evaluation_tokens: int = option(48, "most tokens sampled after the answer (the self-evaluation)", minimum=1)
+
+
 class PCL(Objective):
     name = "pcl"
-    loss_agg = "token_mean"        # TRL 0.18's bnpo, the official loss
+    Config = PCLConfig
     advantage_eps = 1e-4           # the official (r - mean) / (std + 1e-4)
     prompt_template = PCL_PROMPT_TEMPLATE
 
     def continue_rollout(self, samples: list[Sample], engine, ctx: StepContext) -> list[Sample]:
         """Samples on after every completion that a stop string ended (the answer), EOS
         forbidden as the first token, up to EOS or pcl_evaluation_tokens."""
-        from pyvf.train.rollout import continuation_seed
 
         cfg = self.cfg
         todo = [i for i, s in enumerate(samples)
@@ -145,7 +161,7 @@ class PCL(Objective):
         within = index_in_group(samples)
         out = list(samples)
         outputs = engine.generate([samples[i].prompt_ids + samples[i].ids for i in todo], 1,
-                                  max_new_tokens=cfg.pcl_evaluation_tokens, temperature=cfg.temperature,
+                                  max_new_tokens=self.config.pcl_evaluation_tokens, temperature=cfg.temperature,
                                   seeds=[continuation_seed(cfg.seed, ctx.step, samples[i].group, within[i])
                                          for i in todo], stop=(), min_new_tokens=1)
         for i, (c,) in zip(todo, outputs):
@@ -162,16 +178,13 @@ class PCL(Objective):
     def accuracy(self, samples: list[Sample], answer_ids: list[list[int]], ctx: StepContext) -> torch.Tensor:
         """The accuracy reward of each answer part: the rule checker, or VeriFree's
         pi(y* | x, z) with the reference spliced in after the reasoning."""
-        mode = self.cfg.pcl_accuracy
+        mode = self.config.pcl_accuracy
         if mode == "verifree":
-            from pyvf.objectives.verifree import verifree_scores
-
             cfg = self.cfg
             return verifree_scores(ctx.policy, self.tokenizer, [s.prompt_ids for s in samples], answer_ids,
-                                   [s.example.answers for s in samples], [s.example.weights for s in samples], ctx,
-                                   marker=cfg.marker, answer_template=cfg.answer_template,
+                                   [s.example.answers for s in samples], [s.example.weights for s in samples],
+                                   temperature=ctx.temperature, device=ctx.device, marker=cfg.marker, answer_template=cfg.answer_template,
                                    max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens)
-        from pyvf.objectives.verifier import verifier_rewards
 
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
         return verifier_rewards(texts, [list(s.example.answers) for s in samples])
@@ -234,7 +247,7 @@ class PCL(Objective):
         c = -self.completion_advantages(mb, ctx).cpu()
         roles = mb.batch.roles
         starts = mb.batch.cu_seqlens.tolist()
-        w_answer, w_eval = self.cfg.pcl_sft_answer, self.cfg.pcl_sft_evaluation
+        w_answer, w_eval = self.config.pcl_sft_answer, self.config.pcl_sft_evaluation
         for b, (j, seq) in enumerate(zip(mb.index, mb.sequences)):
             first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first non-prompt token
             if self._kind[j] == "sampled":

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 
 from pyvf.objectives.base import (
-    MicroBatch, Objective, Sample, StepContext, add_metric, check_1d, check_same_length, group_stds, per_token_rows,
-    score_rows,
+    MicroBatch, Objective, ObjectiveConfig, Sample, StepContext, add_metric, check_1d, check_same_length, group_stds,
+    per_token_rows,
 )
 from pyvf.ops import segment_sum
+from pyvf.options import option
 from pyvf.packing import ROLE_REASONING, Sequence
+from pyvf.runtime import distributed
+from pyvf.runtime.policy import score_rows
 from pyvf.splice import render_answer, splice_reference
-from pyvf.train import distributed
 
 log = logging.getLogger("pyvf")
 
@@ -258,18 +261,28 @@ def _span_scores(logprobs: list[torch.Tensor], offsets: list[int], spans: list[s
     return rlpr_score(flat, torch.ones(flat.numel(), dtype=torch.bool), cu)
 
 
+@dataclass
+class RLPRConfig(ObjectiveConfig):
+    clip_low: float = option(0.2, "PPO ratio clip below 1 (official 0.2)", minimum=0)
+    clip_high: float = option(0.27, "PPO ratio clip above 1 (official 0.27, clip-higher)", minimum=0)
+    entropy_coeff: float = option(0.001, "entropy bonus per token (official 0.001)", minimum=0)
+    filter_beta: float = option(0.5, "keep a group iff its reward std >= filter_beta * the EMA of stds", minimum=0)
+    filter_rounds: int = option(4, "extra sampling rounds at most to refill the groups the filter dropped", minimum=0)
+
+
 class RLPR(Objective):
     name = "rlpr"
-    loss_agg = "token_mean"
+    Config = RLPRConfig
     advantage_estimator = "grpo"
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self.filter = RewardStdFilter(beta=cfg.filter_beta)
+        self.filter = RewardStdFilter(beta=self.config.filter_beta)
         self.score_a: torch.Tensor | None = None   # [examples, references]: score A, from the initial policy
-        self.clip_low = self.resolve("clip_low", 0.2)
-        self.clip_high = self.resolve("clip_high", 0.27)
-        self.entropy_coeff = self.resolve("entropy_coeff", 0.001)
+        self.clip_low = self.config.clip_low
+        self.clip_high = self.config.clip_high
+        self.entropy_coeff = self.config.entropy_coeff
+        self.extra_rounds = self.config.filter_rounds  # the trainer's refill budget for this filter
         # Think tags are part of the format only when the prompt asks for them.
         self.think = "<think>" in (cfg.prompt_template + cfg.assistant_prefix + cfg.system_prompt)
 
@@ -286,11 +299,8 @@ class RLPR(Objective):
             spans.append(span)
         if rank == 0:
             log.info("rlpr: scoring %d references without reasoning (score A, initial policy)", len(items) * world)
-        from pyvf.objectives.base import StepContext
-
-        ctx = StepContext(step=0, policy=policy, temperature=self.cfg.temperature, device=device, world=world,
-                          rank=rank)
-        logprobs = score_rows(policy, seqs, ctx, self.cfg.micro_batch_tokens)
+        logprobs = score_rows(policy, seqs, self.cfg.micro_batch_tokens, temperature=self.cfg.temperature,
+                              device=device)
         values = _span_scores(logprobs, [0] * len(seqs), spans)
         for (i, k), v in zip(items, values.tolist()):
             scores[i, k] = v
@@ -326,7 +336,8 @@ class RLPR(Objective):
                 refs.append(k)
         b = torch.zeros(len(samples), max(len(s.example.answers) for s in samples) if samples else 1,
                         dtype=torch.float64)
-        values = _span_scores(score_rows(ctx.policy, seqs, ctx, cfg.micro_batch_tokens), offsets, spans)
+        values = _span_scores(score_rows(ctx.policy, seqs, cfg.micro_batch_tokens, temperature=ctx.temperature,
+                                             device=ctx.device), offsets, spans)
         for i, k, v in zip(owner, refs, values.tolist()):
             b[i, k] = v
         rewards = torch.zeros(len(samples), dtype=torch.float64)

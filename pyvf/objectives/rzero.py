@@ -7,7 +7,7 @@ is unsure of, min(p_hat, 1 - p_hat) (the official code; the paper writes
 the batch in the question's cluster, clusters from average-linkage agglomerative
 clustering of BLEU distances at 0.5. A malformed output scores -1 minus its penalty.
 The solver then trains on the questions with 0.3 <= p_hat <= 0.8, the pseudo-labels as
-references (`pyvf selfplay`, pyvf/train/selfplay.py, alternates the two).
+references (`pyvf selfplay`, pyvf/workflows/selfplay.py, alternates the two).
 
 This file holds the formulas and the challenger's Objective (`--objective rzero`); the
 solver phase is an ordinary verifier or VeriFree run on the labelled questions.
@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from pyvf.chat import render_prompt_ids, stop_token_ids
 from pyvf.data.answers import equivalent_pair, last_boxed
 from pyvf.data.synthetic import QUESTION_PROMPT
-from pyvf.objectives.base import Objective, Sample, StepContext, add_metric, index_in_group
+from pyvf.objectives.base import Objective, ObjectiveConfig, Sample, StepContext, add_metric, index_in_group
+from pyvf.options import option
+from pyvf.runtime import distributed
+from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.rollout import HFGenerate, continuation_seed
 
 _QUESTION_BLOCK = re.compile(r"<question>(.*?)</question>", re.DOTALL)
 
@@ -173,23 +179,16 @@ class Solver:
     task's prompt and votes."""
 
     def __init__(self, model, tokenizer, cfg):
-        from pyvf.chat import stop_token_ids
-        from pyvf.train.rollout import HFGenerate
-
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.engine = HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
 
     @classmethod
     def load(cls, spec: str, cfg, device) -> "Solver":
-        from pyvf.train.model import load_model_and_tokenizer
-
         model, tokenizer = load_model_and_tokenizer(spec)
         model.to(device).eval().requires_grad_(False)
         return cls(model, tokenizer, cfg)
 
     def prompt_ids(self, question: str) -> list[int]:
-        from pyvf.chat import render_prompt_ids
-
         cfg = self.cfg
         return render_prompt_ids(self.tokenizer, question, chat_template=cfg.chat_template,
                                  system_prompt=cfg.system_prompt, assistant_prefix=cfg.assistant_prefix)
@@ -206,29 +205,32 @@ class Solver:
                 for row in outputs]
 
 
+@dataclass
+class RZeroConfig(ObjectiveConfig):
+    solver_model: str = option("", "the frozen solver that answers the challenger's questions (\"\": the model)")
+    solver_samples: int = option(10, "answers per question for the majority vote (m; official 10)", minimum=1)
+
+
 class RZeroChallenger(Objective):
     """The challenger phase: GRPO on challenger_rewards, the solver frozen
-    (cfg.solver_model, default the starting model)."""
+    (solver_model, default the starting model)."""
 
     name = "rzero"
-    loss_agg = "token_mean"
+    Config = RZeroConfig
     prompt_template = QUESTION_PROMPT
     needs_references = False       # the challenger's prompt is fixed; the data's questions are not used
 
     def attach(self, policy) -> None:
         _sentence_bleu()  # fail before training when sacrebleu is missing
         device = next(policy.parameters()).device
-        self.solver = Solver.load(self.cfg.solver_model or self.cfg.model, self.cfg, device)
+        self.solver = Solver.load(self.config.solver_model or self.cfg.model, self.cfg, device)
 
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
-        from pyvf.train import distributed
-        from pyvf.train.rollout import continuation_seed
-
         cfg = self.cfg
         questions = [extract_question(self.tokenizer.decode(s.ids, skip_special_tokens=True)) for s in samples]
         seeds = [continuation_seed(cfg.seed, ctx.step, s.group, j) for s, j in zip(samples, index_in_group(samples))]
         valid = [i for i, q in enumerate(questions) if q is not None]
-        votes = self.solver.vote([questions[i] for i in valid], [seeds[i] for i in valid], cfg.solver_samples)
+        votes = self.solver.vote([questions[i] for i in valid], [seeds[i] for i in valid], self.config.solver_samples)
         p_hat = [0.0] * len(samples)
         labels: list[str | None] = [None] * len(samples)
         for i, (label, p) in zip(valid, votes):

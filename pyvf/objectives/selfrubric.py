@@ -24,11 +24,17 @@ agreement of the reward's ranking with the true one is logged (`ranking_agreemen
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from pyvf.data import openended
-from pyvf.objectives.base import Objective, Sample, StepContext, add_metric
+from pyvf.objectives.base import Objective, ObjectiveConfig, Sample, StepContext, add_metric
+from pyvf.options import option
+from pyvf.runtime import distributed
+from pyvf.runtime.model import load_weights
+from pyvf.verify.rubric import SelfRubric as RubricVerifier
+from pyvf.verify.rubric import answer_part, load_rubric, model_rater
 
 
 def ranking_term(ratings: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -54,16 +60,24 @@ def ranking_agreement(ratings: torch.Tensor, truth: torch.Tensor, groups: torch.
     return float((agree * differ).sum()), int(differ.sum())
 
 
+@dataclass
+class SelfRubricConfig(ObjectiveConfig):
+    rater: str = option("self", "who rates: self (inside its own completion), frozen (a copy of the starting "
+                        "model) or proxy (a copy that follows the policy slowly)", choices=("self", "frozen", "proxy"))
+    ranking_weight: float = option(0.5, "weight of the within-group ranking term", minimum=0)
+    proxy_sync_every: int = option(100, "rater proxy: rater <- alpha rater + (1 - alpha) policy every N steps",
+                                   minimum=1)
+    proxy_alpha: float = option(0.9, "alpha of the rater proxy's update", minimum=0, maximum=1)
+
+
 class SelfRubric(Objective):
     name = "selfrubric"
-    loss_agg = "token_mean"
+    Config = SelfRubricConfig
     advantage_estimator = "grpo"
     needs_references = False
     prompt_template = openended.PROMPT_TEMPLATE
 
     def __init__(self, cfg, tokenizer):
-        from pyvf.verify.rubric import load_rubric
-
         super().__init__(cfg, tokenizer)
         self.rubric = load_rubric(cfg.rubric or openended.RUBRIC)
         # The built-in task can check the ranking against its rule-based true rating.
@@ -71,10 +85,8 @@ class SelfRubric(Objective):
         self.rater = None
 
     def attach(self, policy) -> None:
-        from pyvf.verify.rubric import SelfRubric as RubricVerifier, model_rater
-
         rate = None
-        if self.cfg.rater != "self":
+        if self.config.rater != "self":
             self.rater = copy.deepcopy(policy.model).eval().requires_grad_(False)
             rate = model_rater(self.rater, self.tokenizer, max_new_tokens=self.cfg.max_new_tokens)
         # The rating as pyvf.verify reads it: from the completion itself, or from the
@@ -83,17 +95,15 @@ class SelfRubric(Objective):
 
     @torch.no_grad()
     def _sync_rater(self, ctx: StepContext) -> None:
-        from pyvf.train import distributed
-
-        alpha = self.cfg.proxy_alpha
+        alpha = self.config.proxy_alpha
         full = distributed.full_model_state(ctx.policy, ctx.world > 1)
         for name, p in self.rater.named_parameters():  # tied weights once
             if name in full:
                 p.mul_(alpha).add_(full[name].to(p.device, p.dtype), alpha=1 - alpha)
 
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
-        cfg, tok = self.cfg, self.tokenizer
-        if cfg.rater == "proxy" and ctx.step > 1 and (ctx.step - 1) % cfg.proxy_sync_every == 0:
+        tok = self.tokenizer
+        if self.config.rater == "proxy" and ctx.step > 1 and (ctx.step - 1) % self.config.proxy_sync_every == 0:
             self._sync_rater(ctx)
         prompts = [tok.decode(s.prompt_ids, skip_special_tokens=False) for s in samples]
         completions = [tok.decode(s.ids, skip_special_tokens=True) for s in samples]
@@ -106,25 +116,22 @@ class SelfRubric(Objective):
         add_metric(m, "rating_mean", float(ratings.sum()), n)
         add_metric(m, "rating_unparsable_frac", unparsable, n)
         if self.truth is not None:
-            from pyvf.verify.rubric import answer_part
-
             truth = torch.tensor([self.truth(answer_part(c)) for c in completions], dtype=torch.float64)
             add_metric(m, "true_score", float(truth.sum()), n)
             add_metric(m, "ranking_agreement", *ranking_agreement(ratings, truth, groups))
-        return ratings + cfg.ranking_weight * rank
+        return ratings + self.config.ranking_weight * rank
 
     # A frozen rater is the starting model, which attach() copies again on resume; only
     # the proxy moves and is saved.
     def state_dict(self) -> dict:
-        if self.cfg.rater != "proxy":
+        if self.config.rater != "proxy":
             return {}
         return {"rater": {k: v.detach().cpu() for k, v in self.rater.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.cfg.rater != "proxy":
+        if self.config.rater != "proxy":
             return
         if "rater" not in state:
             raise ValueError("the checkpoint has no rater weights: was it written with another rater or objective?")
-        from pyvf.train.model import load_weights
 
         load_weights(self.rater, state["rater"])

@@ -17,9 +17,8 @@ def verifier_rewards(completions: list[str], references: list[list[str]], *, bac
     return torch.tensor(boxed_correct(completions, references, backend=backend), dtype=torch.float64)
 
 
-class Verifier(Objective):
+class VerifierBaseline(Objective):
     name = "verifier"
-    loss_agg = "token_mean"
 
     def score(self, samples: list[Sample], ctx: StepContext) -> torch.Tensor:
         texts = [self.tokenizer.decode(s.ids, skip_special_tokens=True) for s in samples]

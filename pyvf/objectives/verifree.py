@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pyvf.objectives.base import MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric, score_rows
+from pyvf.objectives.base import (
+    LOSS_AGGREGATIONS, MicroBatch, Objective, ObjectiveConfig, Sample, StepContext, TrainSequences, add_metric,
+)
 from pyvf.ops import grouped_advantages, segment_sum
+from pyvf.options import option
 from pyvf.packing import ROLE_ANSWER, ROLE_REASONING, Sequence
 from pyvf.splice import splice_reference
 
@@ -41,40 +44,6 @@ def verifree_rewards(answer_sum: torch.Tensor, has_answer: torch.Tensor, index: 
         rewards = rewards + extra_rewards.to(rewards.device, rewards.dtype)
     advantages = grouped_advantages(rewards.float(), comp_groups, estimator="rloo").to(answer_sum.dtype)
     return seq_reward, rewards, advantages
-
-
-@torch.no_grad()
-def verifree_scores(policy, tokenizer, prompt_ids: list[list[int]], completions: list[list[int]],
-                    references: list[list[str]], weights: list[list[float]], ctx: StepContext, *, marker: str,
-                    answer_template: str, max_seq_len: int | None, token_budget: int,
-                    counts: dict | None = None) -> torch.Tensor:
-    """sum_k w_k pi(y*_k | x, z) of each completion z (token ids, sampled after
-    prompt_ids) without gradients: the reasoning through the marker, each reference
-    spliced after it, scored by the policy. 0 without the marker; a reference whose
-    sequence is over max_seq_len adds 0 (as in training). `counts`, if given, gains
-    `no_marker` and `too_long`. Collective under torchrun: every rank calls it at the
-    same point."""
-    if not len(prompt_ids) == len(completions) == len(references) == len(weights):
-        raise ValueError(f"prompt_ids, completions, references and weights must have the same length, got "
-                         f"{len(prompt_ids)}, {len(completions)}, {len(references)} and {len(weights)}")
-    counts = {} if counts is None else counts
-    seqs, owner, seq_weights = [], [], []
-    for i, (prompt, ids, refs, ws) in enumerate(zip(prompt_ids, completions, references, weights)):
-        spliced = splice_reference(tokenizer, list(ids), list(refs), marker=marker, answer_template=answer_template)
-        if not spliced[0].found:
-            counts["no_marker"] = counts.get("no_marker", 0) + 1
-            continue
-        for sp, w in zip(spliced, ws):
-            if max_seq_len is not None and len(prompt) + len(sp.reasoning_ids) + len(sp.answer_ids) > max_seq_len:
-                counts["too_long"] = counts.get("too_long", 0) + 1
-                continue
-            seqs.append(Sequence(list(prompt), sp.reasoning_ids, sp.answer_ids, group=0))
-            owner.append(i)
-            seq_weights.append(w)
-    out = torch.zeros(len(completions), dtype=torch.float64)
-    for seq, i, w, logprobs in zip(seqs, owner, seq_weights, score_rows(policy, seqs, ctx, token_budget)):
-        out[i] += w * float(torch.exp(logprobs[-len(seq.answer_ids):].sum()))
-    return out
 
 
 @dataclass
@@ -206,9 +175,15 @@ def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu
     return VerifreeCoefficients(coeffs, rewards, advantages, answer_len[first] > 0, answer_len[first])
 
 
+@dataclass
+class VeriFreeConfig(ObjectiveConfig):
+    loss_agg: str = option("seq_mean_token_sum", "official: the sum over a completion's tokens, averaged over "
+                           "completions", choices=LOSS_AGGREGATIONS)
+
+
 class VeriFree(Objective):
     name = "verifree"
-    loss_agg = "seq_mean_token_sum"
+    Config = VeriFreeConfig
     advantage_estimator = "rloo"
 
     def sequences(self, samples: list[Sample]) -> TrainSequences:

@@ -8,8 +8,7 @@ import torch
 
 from pyvf._native import native
 from pyvf.ops._checks import (
-    check_1d_floating, check_1d_integer, check_nonnegative_finite, check_same_device, native_dtype,
-    resolve_backend,
+    check_1d_floating, check_1d_integer, check_nonnegative_finite, check_same_device, native_dtype, resolve_backend,
 )
 from pyvf.ops.reference import grouped_advantages_reference
 

@@ -14,7 +14,7 @@ import torch
 from pyvf._native import native
 from pyvf.ops._checks import check_1d_floating, check_same_device
 from pyvf.ops.reference import policy_loss_reference
-from pyvf.ops.token_logprobs import CPU_CHUNK_BYTES, _resolve_backend, _validate, _valid_rows
+from pyvf.ops.token_logprobs import CPU_CHUNK_BYTES, _resolve_backend, _valid_rows, _validate
 
 # Default bound on the [rows, V] logits workspace of one chunk.
 GPU_WORKSPACE_BYTES = 1024 * 2**20

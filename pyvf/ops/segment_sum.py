@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 
 from pyvf._native import native
-from pyvf.ops._checks import (
-    check_1d_floating, check_1d_integer, check_same_device, native_dtype, resolve_backend,
-)
+from pyvf.ops._checks import check_1d_floating, check_1d_integer, check_same_device, native_dtype, resolve_backend
 from pyvf.ops.reference import segment_sum_reference
 
 

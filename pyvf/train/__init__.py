@@ -1,2 +1,2 @@
-"""The lean VeriFree trainer: config, data, model, rollout, checkpoint, metrics and the
-loop in trainer.py, each in its own small module."""
+"""The trainer: its config (`config.py`, the common keys; each objective owns its own)
+and the loop (`trainer.py`: build, step, run)."""

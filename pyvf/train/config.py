@@ -1,186 +1,178 @@
-"""Training configuration: one dataclass, loadable from YAML or TOML, every key
-overridable on the command line as `--key value` (dashes or underscores)."""
+"""Training configuration: the common keys (`TrainConfig`) and the chosen objective's own
+(its `Config` dataclass, with the method's official defaults), loadable from YAML, TOML
+or JSON, every key overridable on the command line as `--key value` (dashes or
+underscores). Saved configs stay flat: the common keys and the objective's side by side."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
+import logging
+import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line and exit code 2 by the CLI."""
+from pyvf.objectives import get_objective, objective_names
+from pyvf.objectives.base import ObjectiveConfig
+from pyvf.options import ConfigError, check, coerce, describe, is_optional, keys, option
+from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
+
+log = logging.getLogger("pyvf")
 
 
 @dataclass
 class TrainConfig:
     # what to train (changing one of these on --resume makes it another run: IDENTITY)
-    model: str = "builtin"               # "builtin" (the shipped tiny model) or a Hugging Face model directory
-    data: str = "synthetic"              # "synthetic" or a JSONL file with question/answer rows
-    objective: str = "verifree"          # verifree rlpr nover verifier pcl rzero selfrubric, or module:Class
-    output_dir: str = "runs/pyvf"
-    seed: int = 0
+    model: str = option("builtin", "builtin (the shipped tiny model), a Hugging Face model directory or a run")
+    data: str = option("synthetic", "synthetic, openended or a JSONL file with question/answer rows")
+    objective: str = option("verifree", "verifree rlpr nover verifier pcl rzero selfrubric, or module:Class")
+    output_dir: str = option("runs/pyvf", "where checkpoints, metrics.jsonl and the plot go")
+    seed: int = option(0, "seeds the data order, the sampling and the initialization")
 
     # prompts
-    prompt_template: str = ""            # "" = the synthetic task's template; must contain {question}
-    chat_template: str = "auto"          # auto: apply the tokenizer's chat template when it has one; none: plain text
-    system_prompt: str = ""              # system turn (chat templates only)
-    assistant_prefix: str = ""           # text that starts the assistant turn, e.g. <think> for thinking models
+    prompt_template: str = option("", "the prompt, with {question} (\"\": the objective's, else the task's)")
+    chat_template: str = option("auto", "auto: the tokenizer's chat template when it has one; none: plain text",
+                                choices=("auto", "none"))
+    system_prompt: str = option("", "system turn (chat templates only)")
+    assistant_prefix: str = option("", "text that starts the assistant turn, e.g. <think> for thinking models")
 
     # rollout
-    max_steps: int = 100
-    prompts_per_step: int = 8
-    group_size: int = 8                  # samples per prompt (G); RLOO needs >= 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    rollout: str = "hf"                  # hf (batched Hugging Face sampling) or vllm (in-process vLLM engine)
-    stop: str = "</answer>"              # generation also stops after this text ("" = only EOS / length); | separates several
-    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take
-    rollout_logprob_warn: float = 0.05   # warn when engine and trainer log-probs differ by more (mean abs)
-    marker: str = "<answer"
-    answer_template: str = "> \\boxed{{{ref}}} </answer>"
-    max_seq_len: int = 512               # prompt + reasoning + answer; longer spliced sequences get reward 0
+    max_steps: int = option(100, "optimizer steps in all", minimum=1)
+    prompts_per_step: int = option(8, "prompts sampled per step (a group of group_size samples each)", minimum=1)
+    group_size: int = option(8, "samples per prompt (G); group advantages need >= 2", minimum=2)
+    max_new_tokens: int = option(64, "longest completion sampled", minimum=1)
+    temperature: float = option(1.0, "sampling temperature (the policy's log-probs use it too)")
+    rollout: str = option("hf", "hf (batched Hugging Face sampling) or vllm (in-process vLLM engine)",
+                          choices=("hf", "vllm"))
+    stop: str = option("</answer>", "generation also stops after this text (\"\": only EOS and length); | separates "
+                                    "several")
+    vllm_gpu_memory_utilization: float = option(0.3, "share of GPU memory the vLLM engine may take", minimum=0,
+                                                maximum=1)
+    rollout_logprob_warn: float = option(0.05, "warn when engine and trainer log-probs differ by more (mean abs)")
+    marker: str = option(DEFAULT_MARKER, "the text that opens the answer; the reference is spliced after it")
+    answer_template: str = option(DEFAULT_ANSWER_TEMPLATE, "how a reference is written after the marker ({ref})")
+    max_seq_len: int = option(512, "prompt + reasoning + answer; longer spliced sequences get reward 0", minimum=1)
+    rubric: str = option("", "a rubric YAML file or built-in name, for selfrubric and --reward self_rubric "
+                             "(\"\": story)")
+    reward: str = option("", "a verifier spec added to any objective's reward, e.g. \"0.5*majority\"")
 
-    # loss (None: the objective's official default, see docs/algorithms.md)
-    loss_agg: str | None = None          # seq_mean_token_sum, token_mean or seq_mean_token_mean
-    lm_head_pass: str = "fused"          # fused (policy_loss, one pass) or autograd (token_logprobs + autograd)
-    clip_low: float | None = None        # PPO ratio clip below 1 (rlpr: 0.2)
-    clip_high: float | None = None       # PPO ratio clip above 1 (rlpr: 0.27)
-    entropy_coeff: float | None = None   # entropy bonus (rlpr: 0.001)
-    kl_beta: float | None = None         # k3 KL to the objective's reference model (nover: 0.1, to its proxy)
-    filter_beta: float = 0.5             # rlpr: keep a group iff its reward std >= filter_beta * EMA
-    filter_rounds: int = 4               # rlpr: extra sampling rounds at most to refill filtered groups
-    proxy_sync_every: int = 100          # nover: proxy <- alpha proxy + (1 - alpha) policy every N steps
-    proxy_alpha: float = 0.9
-    pcl_accuracy: str = "verifier"       # pcl: accuracy target, verifier (rule checker) or verifree (pi(y*|x,z))
-    pcl_sft_answer: float = 0.1          # pcl: SFT weight on the reasoning and answer of correct samples
-    pcl_sft_evaluation: float = 0.1      # pcl: SFT weight on the evaluation written from the true rewards
-    pcl_evaluation_tokens: int = 48      # pcl: most tokens sampled after the answer (evaluation and reward)
-    solver_model: str = ""               # rzero: the frozen solver that answers the challenger's questions ("" = model)
-    solver_samples: int = 10             # rzero: answers per question for the majority vote (m)
-    rubric: str = ""                     # selfrubric: a rubric YAML file or built-in name ("" = story)
-    rater: str = "self"                  # selfrubric: self (rates inside its completion), frozen or proxy (a copy)
-    ranking_weight: float = 0.5          # selfrubric: weight of the within-group ranking term
-    reward: str = ""                     # a verifier spec added to any objective's reward, e.g. "0.5*majority"
-
-    # optimization (official VeriFree: lr 1e-6, betas (0.9, 0.95), clip 1.0)
-    lr: float = 1e-6
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_tokens: int = 8192       # token budget of one forward/backward; groups never split
+    # loss and optimization (official VeriFree: lr 1e-6, betas (0.9, 0.95), clip 1.0)
+    lm_head_pass: str = option("fused", "fused (policy_loss, one pass) or autograd (token_logprobs + autograd)",
+                               choices=("fused", "autograd"))
+    lr: float = option(1e-6, "AdamW learning rate")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient-norm clip")
+    micro_batch_tokens: int = option(8192, "token budget of one forward/backward; groups never split", minimum=1)
 
     # runtime
-    device: str = "auto"                 # auto, cpu, cuda
-    dtype: str = "float32"               # float32 or bfloat16 (weights and compute)
-    logprob_backend: str = "auto"
-    n_synthetic: int = 5000              # size of the synthetic training set
-    save_every: int = 0                  # checkpoint every N steps (0: only at the end)
-    stop_after: int = 0                  # stop (with a checkpoint) after this step, as if interrupted
-    log_every: int = 1
-    progress: bool = True
-    plot: bool = True
+    device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("float32", "float32 or bfloat16 (weights and compute)", choices=("float32", "bfloat16"))
+    logprob_backend: str = option("auto", "the lm_head ops' backend: auto, cpu, cuda or reference")
+    n_synthetic: int = option(5000, "size of the synthetic training set", minimum=1)
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    stop_after: int = option(0, "stop (with a checkpoint) after this step, as if interrupted")
+    log_every: int = option(1, "log a line every N steps when the progress bar is off")
+    progress: bool = option(True, "a progress bar")
+    plot: bool = option(True, "metrics.png at the end")
+
+    # The chosen objective's keys (its Config, e.g. VeriFreeConfig): set by from_dict.
+    objective_config: ObjectiveConfig | None = dataclasses.field(default=None, repr=False)
 
     # Keys that make a run another run: --resume refuses to change them without --force-override.
     IDENTITY: typing.ClassVar[tuple[str, ...]] = ("objective", "model", "data", "group_size", "seed")
     # Keys that belong to one invocation and never carry over to a resumed run.
     PER_INVOCATION: typing.ClassVar[tuple[str, ...]] = ("stop_after",)
 
-    def validate(self) -> "TrainConfig":
-        from pyvf.objectives import get_objective
-        from pyvf.objectives.base import LOSS_AGGREGATIONS
+    def __post_init__(self):
+        if self.objective_config is None:
+            try:
+                self.objective_config = get_objective(self.objective).Config()
+            except ValueError:
+                pass  # validate() reports it
 
+    def validate(self) -> "TrainConfig":
         try:
-            get_objective(self.objective)
+            cls = get_objective(self.objective)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if not isinstance(self.objective_config, cls.Config):
+            raise ConfigError(f"objective_config must be a {cls.Config.__name__} for objective {self.objective}, "
+                              f"got {type(self.objective_config).__name__}")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 for group advantages, got {self.group_size}")
-        for name in ("max_steps", "prompts_per_step", "max_new_tokens", "max_seq_len", "micro_batch_tokens",
-                     "n_synthetic", "proxy_sync_every", "pcl_evaluation_tokens", "solver_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.filter_rounds < 0:
-            raise ConfigError(f"filter_rounds must be >= 0, got {self.filter_rounds}")
+        check(self)
+        check(self.objective_config)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("clip_low", "clip_high", "entropy_coeff", "kl_beta", "pcl_sft_answer", "pcl_sft_evaluation",
-                     "ranking_weight"):
-            value = getattr(self, name)
-            if value is not None and not (value >= 0 and value < float("inf")):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-        if not 0 <= self.proxy_alpha <= 1:
-            raise ConfigError(f"proxy_alpha must be in [0, 1], got {self.proxy_alpha}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.prompt_template and "{question}" not in self.prompt_template:
             raise ConfigError("prompt_template must contain {question}")
         if self.answer_template.count("{ref}") != 1:
             raise ConfigError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
-        if self.loss_agg is not None and self.loss_agg not in LOSS_AGGREGATIONS:
-            raise ConfigError(f"loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
-        choices = {"dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"), "rollout": ("hf", "vllm"),
-                   "lm_head_pass": ("fused", "autograd"), "chat_template": ("auto", "none"),
-                   "pcl_accuracy": ("verifier", "verifree"), "rater": ("self", "frozen", "proxy")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         return self
 
     def stop_strings(self) -> list[str]:
         return [s for s in self.stop.split("|") if s]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat: the common keys and the objective's."""
+        common = {name: getattr(self, name) for name in keys(TrainConfig)}
+        return {**common, **dataclasses.asdict(self.objective_config or ObjectiveConfig())}
 
 
-def _fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+def objective_keys(name: str) -> dict[str, dataclasses.Field]:
+    return keys(get_objective(name).Config)
 
 
-def _coerce(name: str, value):
-    hint = typing.get_type_hints(TrainConfig)[name]
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "default")):
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if hint is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}") from None
+def owners(key: str) -> list[str]:
+    """The registered objectives that have `key`."""
+    return [name for name in objective_names() if key in objective_keys(name)]
 
 
 def from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    known = _fields()
+    """`values` (from a file or the command line; flat keys, dashes or underscores) on top
+    of `base` (default: the defaults). A key is a common key or one of the objective's."""
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    common = keys(TrainConfig)
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"unknown config key {key!r}")
-        setattr(cfg, name, _coerce(name, value))
+    if "objective" in values:
+        cfg.objective = coerce(TrainConfig, "objective", values["objective"])
+    try:
+        config_cls = get_objective(cfg.objective).Config
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    same = base is not None and isinstance(base.objective_config, config_cls)
+    objective_config = dataclasses.replace(base.objective_config) if same else config_cls()
+    own = keys(config_cls)
+    for name, value in values.items():
+        if name in common:
+            setattr(cfg, name, coerce(TrainConfig, name, value))
+        elif name in own:
+            setattr(objective_config, name, coerce(config_cls, name, value))
+        elif owners(name):
+            # A key of other objectives: one config can serve a sweep over objectives.
+            log.warning("config: ignoring %s, a key of objective %s, not of %s", name, ", ".join(owners(name)),
+                        cfg.objective)
+        else:
+            raise ConfigError(f"unknown config key {name!r}")
+    cfg.objective_config = objective_config
     return cfg
+
+
+def saved_values(values: dict, objective: str) -> tuple[dict, list[str]]:
+    """The keys of a saved config that this version and `objective` know, and the names of
+    those left out. Configs saved before objectives owned their keys hold every method's
+    keys, None standing for "the objective's default"."""
+    known = {**keys(TrainConfig), **objective_keys(objective)}
+    owner = {name: (TrainConfig if name in keys(TrainConfig) else get_objective(objective).Config) for name in known}
+    kept = {k: v for k, v in values.items() if k in known and (v is not None or is_optional(owner[k], k))}
+    return kept, sorted(k for k in values if k not in known)
 
 
 def load_file(path: str | Path) -> dict:
@@ -189,12 +181,8 @@ def load_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     if path.suffix == ".toml":
-        import tomllib
-
         data = tomllib.loads(text)
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
         data = yaml.safe_load(text) or {}
     elif path.suffix == ".json":
         data = json.loads(text)
@@ -225,11 +213,16 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def help_text() -> str:
-    lines = []
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name.replace('_', '-'):<22} (default: {default!r})")
-    return "\n".join(lines)
+    """Every key with its explanation and default: the common keys, then each built-in
+    objective's (the options of `pyvf train --help`)."""
+    def lines(fields: dict) -> list[str]:
+        return [f"  --{name.replace('_', '-'):<28} {describe(f)}" for name, f in fields.items()]
+
+    out = ["common keys:"] + lines(keys(TrainConfig))
+    for name in objective_names():
+        out += ["", f"objective {name} (--objective {name}):"] + lines(objective_keys(name))
+    return "\n".join(out)
 
 
-__all__ = ["TrainConfig", "ConfigError", "from_dict", "load_file", "parse_overrides", "help_text"]
+__all__ = ["ConfigError", "TrainConfig", "from_dict", "help_text", "load_file", "objective_keys", "owners",
+           "parse_overrides", "saved_values"]

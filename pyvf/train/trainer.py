@@ -1,5 +1,4 @@
 """The training loop, top to bottom:
-
     rollout (G samples per prompt, one batched engine call) -> the objective's rewards
     (no grad, when it has them before the forward) -> its group filter (more prompts
     until the step is full) -> its training sequences -> micro-batches of whole groups
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyvf.chat import check_vocabulary, describe, render_prompt_ids, stop_token_ids
 from pyvf.data import dataset
 from pyvf.objectives import get_objective
 from pyvf.objectives.base import (
@@ -29,12 +29,13 @@ from pyvf.objectives.base import (
 )
 from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
-from pyvf.train import checkpoint, distributed
+from pyvf.runtime import checkpoint, distributed
+from pyvf.runtime.metrics import MetricsLog, plot
+from pyvf.runtime.model import load_model_and_tokenizer, load_weights
+from pyvf.runtime.policy import Policy
+from pyvf.runtime.rollout import HFGenerate, prompt_seed
 from pyvf.train.config import ConfigError, TrainConfig
-from pyvf.train.metrics import MetricsLog, plot
-from pyvf.train.model import load_model_and_tokenizer, load_weights
-from pyvf.train.policy import Policy
-from pyvf.train.rollout import prompt_seed
+from pyvf.verify import get_verifier
 
 log = logging.getLogger("pyvf")
 
@@ -64,8 +65,6 @@ class Prompts:
     every example), else the task's."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, examples, *, default_template: str = ""):
-        from pyvf.chat import render_prompt_ids
-
         template = cfg.prompt_template or default_template
         fixed = template and "{question}" not in template  # one prompt for every example (R-Zero's challenger)
         self._render = lambda q: render_prompt_ids(tokenizer, template if fixed else q,
@@ -113,12 +112,12 @@ def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepC
             ) -> tuple[list[Sample], torch.Tensor | None, dict]:
     """The step's samples (and their rewards when the objective scores before the
     forward). With a group filter, more prompts are sampled until the step has
-    prompts_per_step kept groups or filter_rounds extra rounds are spent; which groups
+    prompts_per_step kept groups or the filter's extra rounds are spent; which groups
     are kept is decided on the stds of all ranks, in global prompt order, so every
     rank agrees and one process keeps what several would."""
     per_rank = cfg.prompts_per_step // world
     group_filter = objective.group_filter()
-    rounds = 1 + (cfg.filter_rounds if group_filter is not None else 0)
+    rounds = 1 + (group_filter.extra_rounds if group_filter is not None else 0)
     kept, kept_rewards, n_kept, info = [], [], 0, {"rounds": 0}
     for round_ in range(rounds):
         indices = order.take(state.data_position, cfg.prompts_per_step)
@@ -187,8 +186,6 @@ class ExtraReward:
     reward of every sample."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, policy, examples):
-        from pyvf.verify import get_verifier
-
         self.tokenizer = tokenizer
         self.verifier = get_verifier(cfg.reward, tokenizer=tokenizer, policy=policy, rubric=cfg.rubric or "story",
                                      marker=cfg.marker, answer_template=cfg.answer_template,
@@ -209,16 +206,15 @@ class ExtraReward:
 
 def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool):
     if cfg.rollout == "vllm":
-        from pyvf.train.rollout_vllm import VLLMEngine, vllm_available
+        from pyvf.runtime.rollout.vllm import VLLMEngine, vllm_available
 
         if not vllm_available():
-            from pyvf.train.rollout_vllm import INSTALL_HINT
+            from pyvf.runtime.rollout.vllm import INSTALL_HINT
 
             raise ConfigError(f"--rollout vllm: {INSTALL_HINT}")
         return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=cache_dir,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                                      max_model_len=cfg.max_seq_len + cfg.max_new_tokens)
-    from pyvf.train.rollout import HFGenerate
 
     return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids, synced=sharded)
 
@@ -226,7 +222,6 @@ def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], c
 def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
     """Runs optimizer steps up to cfg.max_steps (from a checkpoint when `resume` is
     given) and returns the last step's metrics."""
-    from pyvf.chat import check_vocabulary, describe, stop_token_ids
 
     cfg.validate()
     rank, world, device = distributed.setup(cfg.device)
@@ -248,7 +243,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
     objective = get_objective(cfg.objective)(cfg, tokenizer)
     prompts = Prompts(cfg, tokenizer, examples, default_template=objective.prompt_template)
     _check_data(cfg, tokenizer, prompts, objective)
-    loss_agg = cfg.loss_agg or objective.loss_agg
+    loss_agg = objective.config.loss_agg
     state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
     optimizer_state = None
     policy = Policy(model, backend=cfg.logprob_backend, lm_head_pass=cfg.lm_head_pass)

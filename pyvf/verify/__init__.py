@@ -1,5 +1,5 @@
 """Verifiers: anything that scores completions, for rewards, best-of-N and filtering
-(docs/DESIGN.md 1.8, "verifier engineering").
+("verifier engineering"; README: Verifiers).
 
     from pyvf.verify import get_verifier
     v = get_verifier("rule")                                   # math answer equivalence

@@ -1,5 +1,5 @@
 """`majority`: agreement with the group's majority answer (self-consistency; R-Zero's
-pseudo-label, docs/DESIGN.md 1.6). No reference is used.
+pseudo-label, docs/algorithms.md: R-Zero). No reference is used.
 
 Completions are grouped by identical prompt text. Each completion's answer is its last
 \\boxed{...}; answers fall into equivalence classes in order of appearance: an answer

@@ -1,13 +1,13 @@
-"""`verifree`: the VeriFree reward as a verifier, pi(y* | x, z) (docs/DESIGN.md 1.1, 1.2).
+"""`verifree`: the VeriFree reward as a verifier, pi(y* | x, z) (docs/algorithms.md: VeriFree, VeriFree+).
 
 Each completion is cut at the first answer marker and each reference, rendered with the
 answer template, is appended (`pyvf.splice.splice_reference`, the defaults of
-`pyvf.train.config.TrainConfig`); one no-grad forward of the model scores the appended
-answer tokens (`pyvf.objectives.base.score_rows`, packed). The score is
+`pyvf.splice`, also training's); one no-grad forward of the model scores the appended
+answer tokens (`pyvf.runtime.policy.score_rows`, packed). The score is
 sum_k w_k exp(sum of the answer's log-probs), weights uniform over the references.
 A completion without the marker scores 0, and a reference whose spliced sequence is
 longer than `max_seq_len` adds 0 (counted as `no_marker` / `too_long`), as in training.
-The scoring model is the policy (`policy=`, a `pyvf.train.policy.Policy`) or any causal
+The scoring model is the policy (`policy=`, a `pyvf.runtime.policy.Policy`) or any causal
 LM given as `model=` with its tokenizer (a frozen copy, a larger model).
 
 Prompts and completions are tokenized as they are, without special tokens (a prompt
@@ -19,14 +19,47 @@ score it 0 yourself, as the VeriFree objective does.
 
 from __future__ import annotations
 
+import torch
+
+from pyvf.chat import encode_with_leading_specials
+from pyvf.packing import Sequence
+from pyvf.runtime.policy import Policy, score_rows
+from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER, splice_reference
 from pyvf.verify.base import BaseVerifier, check_batch
 
 
-def _train_defaults() -> tuple[str, str]:
-    from pyvf.train.config import TrainConfig
-
-    cfg = TrainConfig()
-    return cfg.marker, cfg.answer_template
+@torch.no_grad()
+def verifree_scores(policy, tokenizer, prompt_ids: list[list[int]], completions: list[list[int]],
+                    references: list[list[str]], weights: list[list[float]], *, temperature: float,
+                    device: torch.device, marker: str, answer_template: str, max_seq_len: int | None,
+                    token_budget: int, counts: dict | None = None) -> torch.Tensor:
+    """sum_k w_k pi(y*_k | x, z) of each completion z (token ids, sampled after
+    prompt_ids) without gradients: the reasoning through the marker, each reference
+    spliced after it, scored by the policy. 0 without the marker; a reference whose
+    sequence is over max_seq_len adds 0 (as in training). `counts`, if given, gains
+    `no_marker` and `too_long`. Collective under torchrun: every rank calls it at the
+    same point."""
+    if not len(prompt_ids) == len(completions) == len(references) == len(weights):
+        raise ValueError(f"prompt_ids, completions, references and weights must have the same length, got "
+                         f"{len(prompt_ids)}, {len(completions)}, {len(references)} and {len(weights)}")
+    counts = {} if counts is None else counts
+    seqs, owner, seq_weights = [], [], []
+    for i, (prompt, ids, refs, ws) in enumerate(zip(prompt_ids, completions, references, weights)):
+        spliced = splice_reference(tokenizer, list(ids), list(refs), marker=marker, answer_template=answer_template)
+        if not spliced[0].found:
+            counts["no_marker"] = counts.get("no_marker", 0) + 1
+            continue
+        for sp, w in zip(spliced, ws):
+            if max_seq_len is not None and len(prompt) + len(sp.reasoning_ids) + len(sp.answer_ids) > max_seq_len:
+                counts["too_long"] = counts.get("too_long", 0) + 1
+                continue
+            seqs.append(Sequence(list(prompt), sp.reasoning_ids, sp.answer_ids, group=0))
+            owner.append(i)
+            seq_weights.append(w)
+    out = torch.zeros(len(completions), dtype=torch.float64)
+    for seq, i, w, logprobs in zip(seqs, owner, seq_weights, score_rows(policy, seqs, token_budget, temperature=temperature, device=device)):
+        out[i] += w * float(torch.exp(logprobs[-len(seq.answer_ids):].sum()))
+    return out
 
 
 class VerifreeVerifier(BaseVerifier):
@@ -38,13 +71,11 @@ class VerifreeVerifier(BaseVerifier):
                  answer_template: str | None = None, temperature: float = 1.0, max_seq_len: int | None = None,
                  token_budget: int = 8192, prompt_special_tokens: bool = False):
         super().__init__()
-        from pyvf.train.policy import Policy
-
         if isinstance(model, Policy):
             model, policy = None, model
         if (model is None) == (policy is None):
             raise ValueError("model: the verifree verifier scores with one model; give model= (a causal LM) or policy= "
-                             "(a pyvf.train.policy.Policy), not both or neither")
+                             "(a pyvf.runtime.policy.Policy), not both or neither")
         if tokenizer is None:
             raise ValueError("tokenizer: the verifree verifier needs the scoring model's tokenizer")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -53,9 +84,8 @@ class VerifreeVerifier(BaseVerifier):
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
         self.policy = policy if policy is not None else Policy(model)
         self.tokenizer = tokenizer
-        default_marker, default_template = _train_defaults()
-        self.marker = default_marker if marker is None else marker
-        self.answer_template = default_template if answer_template is None else answer_template
+        self.marker = DEFAULT_MARKER if marker is None else marker
+        self.answer_template = DEFAULT_ANSWER_TEMPLATE if answer_template is None else answer_template
         if not isinstance(self.marker, str) or not self.marker:
             raise ValueError(f"marker must be a non-empty string, got {self.marker!r}")
         if not isinstance(self.answer_template, str) or self.answer_template.count("{ref}") != 1:
@@ -72,15 +102,10 @@ class VerifreeVerifier(BaseVerifier):
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         if self.prompt_special_tokens:
-            from pyvf.chat import _encode_with_leading_specials
-
-            return _encode_with_leading_specials(self.tokenizer, prompt)
+            return encode_with_leading_specials(self.tokenizer, prompt)
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def __call__(self, prompts, completions, references=None) -> list[float]:
-        from pyvf.objectives.base import StepContext
-        from pyvf.objectives.verifree import verifree_scores
-
         prompts, completions, references = check_batch(prompts, completions, references, need_references=True,
                                                        who=self.name)
         prompt_cache: dict[str, list[int]] = {}
@@ -94,11 +119,11 @@ class VerifreeVerifier(BaseVerifier):
         references = [[r for r in refs if r.strip()] for refs in references]
         weights = [[1.0 / len(refs)] * len(refs) for refs in references]
         weight = self.policy.model.get_output_embeddings().weight
-        ctx = StepContext(step=0, policy=self.policy, temperature=self.temperature, device=weight.device)
         counts: dict = {}
         scores = verifree_scores(self.policy, self.tokenizer, prompt_ids,
                                  [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
-                                 references, weights, ctx, marker=self.marker, answer_template=self.answer_template,
+                                 references, weights, temperature=self.temperature,
+                                 device=weight.device, marker=self.marker, answer_template=self.answer_template,
                                  max_seq_len=self.max_seq_len, token_budget=self.token_budget, counts=counts)
         for key, n in counts.items():
             self.count(key, n)
@@ -106,4 +131,4 @@ class VerifreeVerifier(BaseVerifier):
         return scores.tolist()
 
 
-__all__ = ["VerifreeVerifier"]
+__all__ = ["VerifreeVerifier", "verifree_scores"]

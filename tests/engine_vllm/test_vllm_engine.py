@@ -5,7 +5,7 @@ one takes seconds on a CPU."""
 import pytest
 import torch
 
-from pyvf.train.rollout_vllm import vllm_available
+from pyvf.runtime.rollout.vllm import vllm_available
 
 if not vllm_available():
     pytest.skip("vLLM is not installed here; .ci/vllm.sh builds .venv-vllm and runs these tests",
@@ -13,9 +13,9 @@ if not vllm_available():
 
 from pyvf.chat import stop_token_ids
 from pyvf.data.synthetic import PROMPT_TEMPLATE
-from pyvf.train.model import BUILTIN_MODEL_DIR, load_model_and_tokenizer
-from pyvf.train.rollout import StopChecker
-from pyvf.train.rollout_vllm import VLLMEngine
+from pyvf.runtime.model import BUILTIN_MODEL_DIR, load_model_and_tokenizer
+from pyvf.runtime.rollout.hf import StopChecker
+from pyvf.runtime.rollout.vllm import VLLMEngine
 
 QUESTIONS = ["What is 3 + 4?", "What is 12 * 7?", "What is 9 - 5?", "What is 8 / 2?"]
 

@@ -28,8 +28,8 @@ from pyvf.losses import verifree_loss  # noqa: E402
 from pyvf.packing import ROLE_ANSWER, Sequence, pack  # noqa: E402
 from pyvf.rewards import rlpr_rewards, rlpr_score  # noqa: E402
 from pyvf.splice import splice_reference  # noqa: E402
-from pyvf.train.model import BUILTIN_MODEL_DIR  # noqa: E402
-from pyvf.train.policy import Policy  # noqa: E402
+from pyvf.runtime.model import BUILTIN_MODEL_DIR  # noqa: E402
+from pyvf.runtime.policy import Policy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

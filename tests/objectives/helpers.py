@@ -9,14 +9,14 @@ import torch
 from pyvf.data.dataset import Example
 from pyvf.data.synthetic import PROMPT_TEMPLATE
 from pyvf.objectives.base import Sample, StepContext
-from pyvf.train.config import TrainConfig
+from pyvf.train.config import TrainConfig, from_dict, owners
 
 
 def tiny_policy(lm_head_pass: str = "autograd"):
     """The shipped demo model: trained on the synthetic task, so the references get
     probabilities far from 0 (a random model's would underflow the gradients)."""
-    from pyvf.train.model import load_model_and_tokenizer
-    from pyvf.train.policy import Policy
+    from pyvf.runtime.model import load_model_and_tokenizer
+    from pyvf.runtime.policy import Policy
 
     model, tok = load_model_and_tokenizer("builtin")
     return Policy(model, lm_head_pass=lm_head_pass), tok
@@ -52,7 +52,12 @@ def context(policy, **kw) -> StepContext:
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(**{"max_seq_len": 256, "micro_batch_tokens": 8192, **kw})
+    """A train config; an objective's keys pick that objective when none is named."""
+    named = [owners(k) for k in kw if owners(k)]
+    if "objective" not in kw and named:
+        common = set.intersection(*map(set, named))
+        kw["objective"] = next(o for o in named[0] if o in common)
+    return from_dict({"max_seq_len": 256, "micro_batch_tokens": 8192, **kw})
 
 
 def grads(policy) -> torch.Tensor:

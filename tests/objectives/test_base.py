@@ -101,18 +101,18 @@ def test_score_rows_equal_each_sequence_alone():
     own forward does, whatever the chunking."""
     from helpers import context, tiny_policy
 
-    from pyvf.objectives.base import score_rows
+    from pyvf.runtime.policy import score_rows
 
     policy, tok = tiny_policy()
     seqs = [Sequence([1, 2, 3], [4, 5], [6], group=0), Sequence([7], [8, 9, 10, 11], [], group=1),
             Sequence([3, 3], [], [2, 2, 2], group=2)]
     ctx = context(policy)
-    together = score_rows(policy, seqs, ctx, 64)
+    together = score_rows(policy, seqs, 64, temperature=ctx.temperature, device=ctx.device)
     for seq, lp in zip(seqs, together):
         alone = policy(pack([seq])).double()
         n = len(seq) - len(seq.prompt_ids)
         assert lp.shape == (n,)
         assert torch.allclose(lp, alone[len(seq.prompt_ids) - 1:len(seq.prompt_ids) - 1 + n], atol=1e-5)
-    chunked = score_rows(policy, seqs, ctx, 8)
+    chunked = score_rows(policy, seqs, 8, temperature=ctx.temperature, device=ctx.device)
     for a, b in zip(together, chunked):
         assert torch.allclose(a, b, atol=1e-5)

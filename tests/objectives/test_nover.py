@@ -9,6 +9,7 @@ import torch
 
 from pyvf.objectives.nover import k3_kl, k3_kl_grad, nover_answer_block, nover_perplexity, nover_rewards
 
+
 def test_nover_answer_block_text():
     """thinkwee/NOVER utils.py, calculate_perplexity (use_tagged_format): target = "\\n<answer>\\n{ref}\\n</answer>"."""
     assert nover_answer_block("Paris") == "\n<answer>\nParis\n</answer>"

@@ -7,6 +7,7 @@ import pytest
 
 from pyvf.objectives.pcl import parse_pcl_reward, pcl_consistency, pcl_consistency_rewards
 
+
 def test_parse_pcl_reward():
     """xfey/Post-Completion-Learning src/open_r1/rewards.py, rewarding_reward: the last <reward>...</reward>
     (non-greedy, DOTALL), tags stripped, evaluated as a Python list (pyvf: literals and + - * / only)."""
@@ -42,15 +43,14 @@ def test_pcl_consistency():
 # -- the objective ------------------------------------------------------------------------
 
 import torch  # noqa: E402
+from helpers import QUESTION, config, context, grads, tiny_policy  # noqa: E402
 
 from pyvf.data.synthetic import PCL_PROMPT_TEMPLATE  # noqa: E402
 from pyvf.objectives.base import Sample  # noqa: E402
 from pyvf.objectives.pcl import PCL, pcl_answer_format, pcl_evaluation_text, pcl_full_format  # noqa: E402
 from pyvf.packing import ROLE_POST, ROLE_REASONING, pack  # noqa: E402
-from pyvf.train.rollout import Completion  # noqa: E402
+from pyvf.runtime.rollout import Completion  # noqa: E402
 from pyvf.train.trainer import accumulate_gradients  # noqa: E402
-
-from helpers import QUESTION, config, context, grads, tiny_policy  # noqa: E402
 
 RIGHT = " 3 + 10 = 13. 13 - 9 = 4. 4 / 5 = 4/5. <answer> \\boxed{4/5} </answer>"
 SKIPPED = " 3 + 10 = 13. 13 / 5 = 13/5. <answer> \\boxed{13/5} </answer>"
@@ -112,7 +112,7 @@ def test_rewards_accuracy_format_consistency():
 
 def test_verifree_accuracy_is_the_reference_probability():
     """pcl_accuracy verifree: the accuracy reward is sum_k w_k pi(y*_k | x, z) of the answer part."""
-    from pyvf.objectives.verifree import verifree_scores
+    from pyvf.verify.verifree import verifree_scores
 
     policy, tok = tiny_policy()
     cfg = config(objective="pcl", pcl_accuracy="verifree")
@@ -122,8 +122,8 @@ def test_verifree_accuracy_is_the_reference_probability():
     obj.score(samples, ctx)
     acc = [a for a, _ in obj._truth]
     want = verifree_scores(policy, tok, [s.prompt_ids for s in samples], [s.ids[:s.answer_end] for s in samples],
-                           [s.example.answers for s in samples], [s.example.weights for s in samples], ctx,
-                           marker=cfg.marker, answer_template=cfg.answer_template, max_seq_len=cfg.max_seq_len,
+                           [s.example.answers for s in samples], [s.example.weights for s in samples],
+                           temperature=ctx.temperature, device=ctx.device, marker=cfg.marker, answer_template=cfg.answer_template, max_seq_len=cfg.max_seq_len,
                            token_budget=cfg.micro_batch_tokens)
     assert acc == pytest.approx(want.tolist())
     assert 0 < acc[1] < acc[0] < 1  # the skipped step makes the reference less likely

@@ -13,6 +13,7 @@ from pyvf.objectives.rlpr import (
     rlpr_score, rlpr_scoreable,
 )
 
+
 def test_rlpr_score_by_hand():
     """OpenBMB/RLPR verl/workers/reward_manager/prob.py, ProbRewardManager.compute_scoreB with
     compute_score_name=mean_exp_log_softmax: mean of exp(log-prob) over the ground-truth mask."""

@@ -4,7 +4,6 @@ verifier added to any objective's reward."""
 
 import pytest
 import torch
-
 from helpers import config, context, tiny_policy
 
 from pyvf.data.dataset import Example

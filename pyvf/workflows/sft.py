@@ -6,7 +6,7 @@ template, through the tokenizer's chat template when it has one), then the compl
 tokens and an EOS. The loss is the mean negative log-likelihood of the completion and
 EOS tokens only (the prompt is context, not a target), over every such token of the
 batch. Batches are packed without padding and go through the same decoder forward and
-lm_head op as RL training (`pyvf.train.policy.Policy`), so the full logits are never
+lm_head op as RL training (`pyvf.runtime.policy.Policy`), so the full logits are never
 materialized. AdamW, linear warm-up then cosine decay, gradient clipping at 1.0; the
 order of rows is drawn from `seed`. The result is saved as a Hugging Face model
 directory (weights + tokenizer) that `pyvf eval --model` and `pyvf train` read.
@@ -18,16 +18,25 @@ worked`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pyvf.chat import render_prompt_ids, stop_token_ids
+from pyvf.data import dataset, synthetic
+from pyvf.data.dataset import SYNTHETIC_EVAL_SEED, SYNTHETIC_TRAIN_SEED
+from pyvf.options import ConfigError, add_options, from_args, option
 from pyvf.packing import IGNORE_INDEX, Sequence, pack
+from pyvf.runtime.policy import Policy
+from pyvf.workflows.common import PromptOptions, load_model, prompting
+from pyvf.workflows.evaluate import evaluate
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -62,8 +71,6 @@ def worked_solution_rows(questions: list[str], *, search: int = 50000) -> list[d
     answer block) of `questions`, as SFT rows: the plain baseline of the same questions.
     Questions are looked up in the first `search` problems of the training split, then
     of the held-out split; a question of neither is an error naming it."""
-    from pyvf.data import synthetic
-    from pyvf.data.dataset import SYNTHETIC_EVAL_SEED, SYNTHETIC_TRAIN_SEED
 
     wanted = list(dict.fromkeys(questions))
     found: dict[str, object] = {}
@@ -84,7 +91,6 @@ def sft_sequence(tokenizer, question: str, completion: str, eos_id: int, *, prom
                  chat_template: str = "auto", system_prompt: str = "", assistant_prefix: str = "") -> Sequence:
     """One training sequence: the rendered prompt (not trained), the completion's tokens
     and the EOS (trained)."""
-    from pyvf.chat import render_prompt_ids
 
     prompt = render_prompt_ids(tokenizer, question, template=prompt_template, chat_template=chat_template,
                                system_prompt=system_prompt, assistant_prefix=assistant_prefix)
@@ -114,8 +120,6 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int = 200, lr: float = 1e-
         assistant_prefix: str = "", log_every: int = 20, log=None) -> list[float]:
     """Fine-tunes `model` in place on the rows' completions; returns the loss of every step.
     Sequences longer than `max_seq_len` are an error (they would be cut mid-answer)."""
-    from pyvf.chat import stop_token_ids
-    from pyvf.train.policy import Policy
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -176,6 +180,62 @@ def save_model(model, tokenizer, output_dir: str | Path) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+HELP = "supervised fine-tuning on question/completion rows (e.g. pyvf rationalize's output)"
+DESCRIPTION = ("Trains on the completion (and EOS) tokens of each row after its prompt, rendered as training "
+               "renders it; saves a model directory for pyvf eval --model. --train-on worked trains on the "
+               "synthetic task's worked solutions of the same questions instead (the plain SFT baseline).")
+
+
+@dataclass
+class SFTOptions(PromptOptions):
+    model: str = option("builtin", "model directory to start from, a run, or builtin")
+    data: str = option("", "JSONL file of rows with question and completion (required)")
+    train_on: str = option("completion", "completion: the rows' completions; worked: the synthetic task's worked "
+                           "solutions of the rows' questions", choices=("completion", "worked"))
+    output_dir: str = option("runs/sft", "where the fine-tuned model directory is written")
+    steps: int = option(200, "optimizer steps", minimum=1)
+    lr: float = option(1e-4, "learning rate (linear warm-up, then cosine)")
+    batch_size: int = option(16, "rows per step", minimum=1)
+    seed: int = option(0, "seed of the row order")
+    max_seq_len: int = option(512, "longest row trained on", minimum=1)
+    eval_questions: int = option(0, "after training, greedy accuracy on this many held-out questions of "
+                                 "--eval-data (written to OUTPUT_DIR/eval.json)", minimum=0)
+    eval_data: str = option("synthetic", "the held-out data of --eval-questions")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, SFTOptions)
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = from_args(SFTOptions, args)
+    if not opts.data:
+        raise ConfigError("--data: a JSONL file of rows with question and completion is required")
+    rows = read_rows(opts.data)
+    if opts.train_on == "worked":
+        rows = worked_solution_rows([r["question"] for r in rows])
+    model, tokenizer = load_model(opts.model)
+    render = prompting(opts)
+    print(f"sft: {len(rows)} rows ({'worked solutions of the questions of ' if opts.train_on == 'worked' else ''}"
+          f"{opts.data}), {opts.steps} steps of {opts.batch_size}, lr {opts.lr:g}, seed {opts.seed}", flush=True)
+    losses = sft(model, tokenizer, rows, steps=opts.steps, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
+                 max_seq_len=opts.max_seq_len, log=lambda line: print(line, flush=True), **render)
+    out = save_model(model, tokenizer, opts.output_dir)
+    record = {"data": opts.data, "train_on": opts.train_on, "rows": len(rows), "steps": opts.steps, "lr": opts.lr,
+              "batch_size": opts.batch_size, "seed": opts.seed, "model": opts.model, "first_loss": losses[0],
+              "last_loss": losses[-1]}
+    if opts.eval_questions:
+        examples = dataset.load(opts.eval_data, n_synthetic=opts.eval_questions, split="eval")[:opts.eval_questions]
+        result = evaluate(model, tokenizer, examples, max_new_tokens=64, **render)
+        record["eval"] = {"data": opts.eval_data, "accuracy": result["accuracy"], "n": result["n"]}
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        print(f"sft: held-out accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['n']}) "
+              f"data {opts.eval_data}")
+    (out / "sft.json").write_text(json.dumps(record, indent=2))
+    print(f"sft: loss {losses[0]:.4f} -> {losses[-1]:.4f}; model -> {out}")
+    return 0
 
 
 __all__ = ["lr_factor", "read_rows", "save_model", "sft", "sft_loss", "sft_sequence", "worked_solution_rows"]

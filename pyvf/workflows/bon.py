@@ -1,4 +1,4 @@
-"""Best-of-N at inference (docs/DESIGN.md 1.8, "verifier engineering"; `pyvf bon`):
+"""Best-of-N at inference ("verifier engineering", README: Reference-guided rationales and best-of-N; `pyvf bon`):
 sample N completions, let a verifier pick one, and see how accuracy grows with N.
 
 Each question is sampled max(N) times once (seeded per question, `prompt_seed(seed, 0,
@@ -17,14 +17,23 @@ sample for every N; a useful one makes it rise toward the oracle.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from pyvf.chat import render_prompt_ids, stop_token_ids
+from pyvf.data import dataset
 from pyvf.data.answers import is_equivalent, last_boxed
+from pyvf.data.openended import true_score
+from pyvf.options import add_options, from_args, option
+from pyvf.runtime.rollout import HFGenerate, prompt_seed
+from pyvf.verify import get_verifier
+from pyvf.workflows.common import SamplingOptions, load_model, prompting, stop_strings, task_defaults
 
 
 def parse_ns(text: str) -> list[int]:
@@ -36,18 +45,6 @@ def parse_ns(text: str) -> list[int]:
     if not ns or min(ns) < 1 or any(b <= a for a, b in zip(ns, ns[1:])):
         raise ValueError(f"--n must be positive integers in increasing order, got {text!r}")
     return ns
-
-
-def task_defaults(data: str) -> tuple[str, str]:
-    """(prompt template, stop strings joined by |) of a data spec: the open-ended task's
-    prompt and its rating block's end for `openended`, else the synthetic task's prompt
-    ("" = the default) and `</answer>`."""
-    if data == "openended":
-        from pyvf.data import openended
-        from pyvf.verify.rubric import CLOSE
-
-        return openended.PROMPT_TEMPLATE, CLOSE
-    return "", "</answer>"
 
 
 def pick_best(scores: list[float]) -> int:
@@ -66,7 +63,6 @@ def rule_correctness(completion: str, references, *, backend: str = "auto") -> f
     completion."""
     if references:
         return float(is_equivalent(last_boxed(completion), list(references), backend=backend))
-    from pyvf.data.openended import true_score
 
     return float(true_score(completion))
 
@@ -116,8 +112,6 @@ def sample_completions(model, tokenizer, examples, n: int, *, seed: int = 0, max
                        batch_size: int = 16, progress=None) -> tuple[list[str], list[list[str]]]:
     """(prompt text, n completion texts) of each example: prompts rendered as in training,
     sampled with HFGenerate, seeded per question."""
-    from pyvf.chat import render_prompt_ids, stop_token_ids
-    from pyvf.train.rollout import HFGenerate, prompt_seed
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -192,6 +186,58 @@ def write_result(result: dict, output_dir: str | Path) -> tuple[Path, Path | Non
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, json_path)
     return json_path, plot_curve(result, out / "bon.png")
+
+
+HELP = "best-of-N: accuracy as N grows when a verifier picks one of N samples"
+DESCRIPTION = ("Samples max(N) completions per question once, lets the verifier pick one of the first N for "
+               "each N, prints a table and writes OUTPUT_DIR/bon.json and bon.png.")
+
+
+@dataclass
+class BonOptions(SamplingOptions):
+    model: str = option("builtin", "model directory, a run, or builtin")
+    data: str = option("synthetic", "JSONL file, synthetic or openended (held-out split)")
+    n: str = option("1,2,4,8,16", "comma-separated N, increasing")
+    verifier: str = option("majority", "a pyvf.verify spec: rule, majority, self_rubric, verifree, python:mod:fn, "
+                           "or a weighted sum such as 'majority + 0.5*verifree'")
+    rubric: str | None = option(None, "for self_rubric: a rubric YAML or built-in name (with --data openended: "
+                                "story)")
+    limit: int = option(100, "number of held-out questions", minimum=1)
+    output_dir: str = option("runs/bon", "where bon.json and bon.png go")
+    stop: str | None = option(None, "stop strings, | separated (none: </answer>; </rating> for openended)")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, BonOptions)
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = from_args(BonOptions, args)
+    ns = parse_ns(opts.n)
+    examples = dataset.load(opts.data, n_synthetic=opts.limit, split="eval")[:opts.limit]
+    model, tokenizer = load_model(opts.model)
+    context = dict(model=model, tokenizer=tokenizer, max_seq_len=opts.max_seq_len)
+    rubric = opts.rubric or ("story" if opts.data == "openended" else None)
+    if rubric is not None:
+        context["rubric"] = rubric
+    verifier = get_verifier(opts.verifier, **context)
+    stop = opts.stop if opts.stop is not None else task_defaults(opts.data)[1]
+    print(f"bon: {len(examples)} questions x {max(ns)} samples, verifier {opts.verifier}, model {opts.model}",
+          flush=True)
+    prompts, completions = sample_completions(
+        model, tokenizer, examples, max(ns), seed=opts.seed, max_new_tokens=opts.max_new_tokens,
+        temperature=opts.temperature, stop=stop_strings(stop), batch_size=opts.batch_size,
+        progress=lambda done, total: print(f"bon: sampled {done}/{total} questions", file=sys.stderr, flush=True),
+        **prompting(opts, opts.data))
+    has_refs = all(ex.answers for ex in examples)
+    curve = best_of_n_curve(prompts, completions, [list(ex.answers) for ex in examples], ns, verifier)
+    result = {"model": opts.model, "data": opts.data, "verifier": opts.verifier, "questions": len(examples),
+              "seed": opts.seed, "temperature": opts.temperature, "has_references": has_refs, "curve": curve,
+              "verifier_stats": dict(getattr(verifier, "stats", {}) or {})}
+    json_path, png = write_result(result, opts.output_dir)
+    print(format_table(result))
+    print(f"bon: wrote {json_path}" + (f" and {png}" if png else ""))
+    return 0
 
 
 __all__ = ["best_of_n_curve", "format_table", "parse_ns", "pick_best", "plot_curve", "rule_correctness",

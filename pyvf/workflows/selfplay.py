@@ -1,6 +1,5 @@
 """R-Zero self-play (`pyvf selfplay`; pyvf/objectives/rzero.py has the formulas): one
 base model as challenger and solver, no labels. Each iteration:
-
     challenger phase: GRPO on the challenger's reward, the previous solver frozen
                       (a `pyvf train --objective rzero` run)
     questions:        the new challenger writes questions, the previous solver answers
@@ -18,6 +17,7 @@ last checkpoint, the question set from scratch (it is a pure function of the see
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -28,7 +28,16 @@ from pathlib import Path
 
 import torch
 
-from pyvf.train.config import ConfigError
+from pyvf.chat import render_prompt_ids, stop_token_ids
+from pyvf.data import dataset
+from pyvf.objectives.rzero import QUESTION_PROMPT, QUESTION_STOP, Solver, extract_question, in_band
+from pyvf.options import ConfigError, add_options, check, from_args, option
+from pyvf.runtime import checkpoint
+from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.rollout import HFGenerate, prompt_seed
+from pyvf.train import config as config_mod
+from pyvf.train.trainer import train
+from pyvf.workflows.evaluate import evaluate
 
 log = logging.getLogger("pyvf")
 
@@ -37,42 +46,34 @@ STATE_FILE = "selfplay.json"
 
 @dataclass
 class SelfPlayConfig:
-    model: str = "builtin"               # the base model: both roles start from it
-    output_dir: str = "runs/selfplay"
-    iterations: int = 2
-    seed: int = 0
-    challenger_steps: int = 5            # official: the challenger's step-5 checkpoint is used
-    solver_steps: int = 15               # official: the solver's step-15 checkpoint is used
-    questions: int = 64                  # questions the challenger writes per iteration (official 8000)
-    solver_samples: int = 10             # m: solver answers per question, for the reward and the labels
-    band_low: float = 0.3
-    band_high: float = 0.8
-    solver_objective: str = "verifier"   # verifier (rule check against the pseudo-label) or verifree
-    challenger_group_size: int = 4       # official n = 4
-    solver_group_size: int = 5           # official n = 5
-    prompts_per_step: int = 4
-    lr: float = 3e-5
-    max_new_tokens: int = 48
-    max_seq_len: int = 256
-    eval_questions: int = 200            # held-out synthetic questions to evaluate each solver on (0: none)
-    save_every: int = 5                  # checkpoint a training phase every N steps (and at its end)
-    progress: bool = True
+    model: str = option("builtin", "the base model: both roles start from it")
+    output_dir: str = option("runs/selfplay", "the run's directory; the same one continues it")
+    iterations: int = option(2, "challenger + solver iterations", minimum=1)
+    seed: int = option(0, "seed of every phase")
+    challenger_steps: int = option(5, "challenger steps per iteration (official: its step-5 checkpoint)", minimum=1)
+    solver_steps: int = option(15, "solver steps per iteration (official: its step-15 checkpoint)", minimum=1)
+    questions: int = option(64, "questions the challenger writes per iteration (official 8000)", minimum=1)
+    solver_samples: int = option(10, "m: solver answers per question, for the reward and the labels", minimum=1)
+    band_low: float = option(0.3, "keep a question when band_low <= p_hat (its majority share)", minimum=0,
+                             maximum=1)
+    band_high: float = option(0.8, "... and p_hat <= band_high", minimum=0, maximum=1)
+    solver_objective: str = option("verifier", "verifier (rule check against the pseudo-label) or verifree",
+                                   choices=("verifier", "verifree"))
+    challenger_group_size: int = option(4, "challenger samples per prompt (official n = 4)", minimum=2)
+    solver_group_size: int = option(5, "solver samples per question (official n = 5)", minimum=2)
+    prompts_per_step: int = option(4, "prompts per training step of either role", minimum=1)
+    lr: float = option(3e-5, "learning rate of either role")
+    max_new_tokens: int = option(48, "longest completion", minimum=1)
+    max_seq_len: int = option(256, "longest sequence trained on", minimum=1)
+    eval_questions: int = option(200, "held-out synthetic questions to evaluate each solver on (0: none)", minimum=0)
+    save_every: int = option(5, "checkpoint a training phase every N steps (and at its end)", minimum=1)
+    progress: bool = option(True, "progress bars")
 
     def validate(self) -> "SelfPlayConfig":
-        for name in ("iterations", "challenger_steps", "solver_steps", "questions", "solver_samples",
-                     "prompts_per_step", "max_new_tokens", "max_seq_len", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("challenger_group_size", "solver_group_size"):
-            if getattr(self, name) < 2:
-                raise ConfigError(f"{name} must be >= 2 for group advantages, got {getattr(self, name)}")
-        if not 0 <= self.band_low <= self.band_high <= 1:
+        check(self)
+        if self.band_low > self.band_high:
             raise ConfigError(f"band_low and band_high must satisfy 0 <= band_low <= band_high <= 1, got "
                               f"{self.band_low} and {self.band_high}")
-        if self.solver_objective not in ("verifier", "verifree"):
-            raise ConfigError(f"solver_objective must be verifier or verifree, got {self.solver_objective!r}")
-        if self.eval_questions < 0:
-            raise ConfigError(f"eval_questions must be >= 0, got {self.eval_questions}")
         return self
 
 
@@ -84,9 +85,6 @@ def _write_json(path: Path, value) -> None:
 
 def _train_phase(cfg: SelfPlayConfig, out: Path, **keys) -> str:
     """Runs (or continues) one training phase in `out`; returns its final checkpoint."""
-    from pyvf.train import checkpoint
-    from pyvf.train import config as config_mod
-    from pyvf.train.trainer import train
 
     values = dict(seed=cfg.seed, prompts_per_step=cfg.prompts_per_step, lr=cfg.lr, max_new_tokens=cfg.max_new_tokens,
                   max_seq_len=cfg.max_seq_len, micro_batch_tokens=16384, progress=cfg.progress, plot=False,
@@ -106,11 +104,6 @@ def _train_phase(cfg: SelfPlayConfig, out: Path, **keys) -> str:
 def write_questions(cfg: SelfPlayConfig, challenger: str, solver: str, path: Path, iteration: int) -> dict:
     """The challenger writes cfg.questions questions, the solver answers each m times;
     those in the band are written with their majority answer as `answer`. Returns counts."""
-    from pyvf.chat import render_prompt_ids, stop_token_ids
-    from pyvf.objectives.rzero import QUESTION_PROMPT, QUESTION_STOP, Solver, extract_question, in_band
-    from pyvf.train import config as config_mod
-    from pyvf.train.model import load_model_and_tokenizer
-    from pyvf.train.rollout import HFGenerate, prompt_seed
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(challenger)
@@ -139,10 +132,6 @@ def write_questions(cfg: SelfPlayConfig, challenger: str, solver: str, path: Pat
 
 def selfplay(cfg: SelfPlayConfig) -> dict:
     """Runs the iterations (continuing a run found in cfg.output_dir); returns the state."""
-    from pyvf.data import dataset
-    from pyvf.train.evaluate import evaluate
-    from pyvf.objectives.rzero import QUESTION_STOP
-    from pyvf.train.model import load_model_and_tokenizer
 
     cfg.validate()
     out = Path(cfg.output_dir)
@@ -208,3 +197,23 @@ def selfplay(cfg: SelfPlayConfig) -> dict:
             state["history"].append(record)
             done("solver", challenger=state["challenger_next"], solver=solver)
     return state
+
+
+HELP = "R-Zero: challenger and solver from one base model, no labels"
+DESCRIPTION = ("R-Zero self-play (pyvf/workflows/selfplay.py). Run it again with the same --output-dir to continue "
+               "an interrupted run, or with more --iterations to go on.")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, SelfPlayConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = from_args(SelfPlayConfig, args)
+    state = selfplay(cfg)
+    for record in state["history"]:
+        if "solver_accuracy" in record:
+            print(f"selfplay: iteration {record['iteration']} solver held-out accuracy "
+                  f"{100 * record['solver_accuracy']:.1f}%")
+    print(f"selfplay: solver {state['solver']}, challenger {state['challenger']} -> {cfg.output_dir}")
+    return 0

@@ -19,9 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pyvf.ops import token_logprobs
-from pyvf.packing import PackedBatch
-from pyvf.train.model import decoder_hidden_states
+from pyvf.ops import policy_loss, token_logprobs
+from pyvf.packing import PackedBatch, Sequence, pack, plan_micro_batches
+from pyvf.runtime import distributed
+from pyvf.runtime.model import decoder_hidden_states
 
 LM_HEAD_PASSES = ("fused", "autograd")
 
@@ -55,8 +56,6 @@ class Policy(nn.Module):
                 loss = loss + (entropy_coeffs.to(entropy.dtype) * entropy).sum()
             return loss, logp.detach(), entropy.detach()
 
-        from pyvf.ops import policy_loss
-
         looked = None
         if look is not None:
             with torch.no_grad():
@@ -67,3 +66,31 @@ class Policy(nn.Module):
         return policy_loss(hidden, weight, targets, coeffs.float(),
                            entropy_coeffs=None if entropy_coeffs is None else entropy_coeffs.float(),
                            backend=self.backend if self.backend != "reference" else "reference", **common)
+
+
+@torch.no_grad()
+def score_rows(policy, sequences: list[Sequence], token_budget: int, *, temperature: float,
+               device: torch.device) -> list[torch.Tensor]:
+    """No-grad log-probs of every non-prompt token of each sequence (reasoning, answer,
+    post, in order), one CPU tensor per sequence, in packed chunks of at most
+    `token_budget` tokens. Every rank runs as many forwards as the busiest one, so a
+    sharded policy's collectives pair up. Every sequence needs a prompt (the row before
+    its first scored token)."""
+    if any(not s.prompt_ids for s in sequences):
+        raise ValueError("sequences: score_rows needs a non-empty prompt in every sequence")
+    plan = plan_micro_batches([len(s) for s in sequences], list(range(len(sequences))), token_budget) \
+        if sequences else []
+    n_chunks = int(distributed.all_max(float(len(plan)), device))
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    for k in range(n_chunks):
+        chunk = plan[k] if k < len(plan) else None
+        seqs = [sequences[i] for i in chunk] if chunk else [Sequence([0], [0], [], group=0)]
+        batch = pack(seqs)
+        logprobs = policy(batch, temperature).detach().cpu().double()
+        if chunk is None:
+            continue
+        starts = batch.cu_seqlens.tolist()
+        for b, (i, seq) in enumerate(zip(chunk, seqs)):
+            first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first non-prompt token
+            out[i] = logprobs[first:first + len(seq) - len(seq.prompt_ids)]
+    return out

@@ -1,137 +1,17 @@
-"""Sampling completions. The trainer talks to a `RolloutEngine`: `HFGenerate` (a batched
-sampling loop over a Hugging Face model, the default) or `VLLMEngine`
-(pyvf/train/rollout_vllm.py). Both return, for every prompt, n completions that end at a
-stop string (its tokens included), at an EOS id or at the length limit, with the sampling
-log-prob of every token."""
+"""The default rollout engine: `HFGenerate`, a batched sampling loop over a Hugging Face
+model, and `greedy` decoding for evaluation. Returns, for every prompt, n completions that
+end at a stop string (its tokens included), at an EOS id or at the length limit, with the
+sampling log-prob of every token."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from pyvf.chat import stop_token_ids as stop_token_ids_of
-
-
-@dataclass
-class Completion:
-    ids: list[int]         # sampled tokens, through the stop string's last token or the EOS when one ended it
-    finish: str            # "stop" (a stop string), "eos" (an EOS id), "length" (max_new_tokens)
-    logprobs: list[float]  # sampling log-prob of each token in ids (processed: after temperature)
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish == "length"
-
-
-class RolloutEngine(Protocol):
-    name: str  # "hf" or "vllm"
-
-    def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
-                 seeds: list[int], stop: list[str], min_new_tokens: int = 0) -> list[list[Completion]]:
-        """n completions per prompt; what prompt i samples depends only on (prompts[i],
-        seeds[i]) and the weights, never on the batch, its order or the rank. EOS is not
-        sampled before `min_new_tokens` tokens."""
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Full (unsharded) weights after an optimizer step, names as in model.state_dict()."""
-
-    def sleep(self) -> None:
-        """Frees the engine's memory (KV cache) while the trainer runs."""
-
-    def wake(self) -> None:
-        """Undoes `sleep` before the next rollout."""
-
-
-def prompt_seed(seed: int, step: int, prompt_index: int) -> int:
-    """A seed per (run, step, prompt), so a prompt's samples do not depend on which
-    rank draws them or on what was sampled before (distributed runs and resumed runs
-    sample exactly what an uninterrupted single-process run samples)."""
-    digest = hashlib.sha256(f"{seed}:{step}:{prompt_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def continuation_seed(seed: int, step: int, group: int, sample: int) -> int:
-    """A seed per (run, step, group, sample) for sampling on after a completion (PCL's
-    self-evaluation), independent of the rank and the batch as `prompt_seed`."""
-    digest = hashlib.sha256(f"{seed}:{step}:{group}:{sample}:continue".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens=0) -> None:
-    if not isinstance(prompts, (list, tuple)) or any(not isinstance(p, (list, tuple)) or not p for p in prompts):
-        raise ValueError("prompts must be a list of non-empty lists of token ids")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if len(seeds) != len(prompts):
-        raise ValueError(f"seeds must have one seed per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
-    if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
-    if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
-            or not 0 <= min_new_tokens <= max_new_tokens):
-        raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
-
-
-# Counter-based randomness: the Gumbel noise of row r at decoding step t and vocabulary
-# entry v is a hash of (row key, t, v), so a row's samples depend on its key alone,
-# whatever else is in the batch, on any device, and the whole batch draws in one op.
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-
-def _signed(c: int) -> int:
-    c &= _MASK64
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def splitmix64(x: int) -> int:
-    """SplitMix64's finalizer (Steele, Lea, Flood 2014) on a Python int."""
-    z = (x + _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
-    """`splitmix64` elementwise on int64 tensors (two's complement wrap-around)."""
-    z = x + _signed(_GOLDEN)
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
-    return z ^ _shr(z, 31)
-
-
-def row_key(seed: int, sample_index: int) -> int:
-    """The random stream of sample `sample_index` of a prompt seeded with `seed`."""
-    return splitmix64((splitmix64(seed & _MASK64) ^ splitmix64(sample_index + 1)) & _MASK64)
-
-
-def gumbel_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise [rows, vocab_size] (float32), a function of (key, step, v)."""
-    base = splitmix64_tensor(keys + _signed(step * _GOLDEN))
-    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64) * _signed(_MIX2)
-    bits = splitmix64_tensor(base[:, None] + vocab[None, :])
-    u = (_shr(bits, 40).float() + 0.5) * 2.0 ** -24  # 24 random bits, strictly inside (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def sample_tokens(scores: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
-    """One token per row of `scores` ([rows, V] processed logits) by the Gumbel-max trick:
-    argmax(scores + Gumbel noise) is a draw from softmax(scores)."""
-    return (scores + gumbel_noise(keys, step, scores.shape[-1])).argmax(-1)
+from pyvf.runtime.rollout.base import Completion, validate_generate_args
+from pyvf.runtime.rollout.seeding import as_int64, row_key, sample_tokens
 
 
 class StopChecker:
@@ -209,7 +89,7 @@ def decode_batch(model, prompts: list[list[int]], n: int, *, max_new_tokens: int
             positions = positions.repeat_interleave(n, dim=0)
         rows = len(prompts) * n
         next_pos = positions[:, -1:] + 1
-        key_t = torch.tensor([_signed(k) for k in keys], dtype=torch.int64, device=device) if keys is not None else None
+        key_t = torch.tensor([as_int64(k) for k in keys], dtype=torch.int64, device=device) if keys is not None else None
         stop_ids = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
         out_ids: list[list[int]] = [[] for _ in range(rows)]
         out_lp: list[list[float]] = [[] for _ in range(rows)]

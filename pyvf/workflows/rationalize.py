@@ -1,10 +1,9 @@
-"""Reference-guided rationales (RAVR, arXiv 2510.25206; docs/DESIGN.md 1.8; `pyvf rationalize`).
+"""Reference-guided rationales (RAVR, arXiv 2510.25206; README: Reference-guided rationales and best-of-N; `pyvf rationalize`).
 
 For each question the model sees the question and its reference answer
 (`pyvf.data.synthetic.RATIONALIZE_TEMPLATE`) and writes K rationales z. Each is cut
 at the answer marker (`pyvf.splice.splice_reference`, token-exact) and scored as
 VeriFree scores a completion, but after the PLAIN task prompt, the reference absent:
-
     score(z) = sum_k w_k pi(y*_k | x, z)
 
 so a rationale scores high only when its reasoning, read without the hint, leads to
@@ -27,6 +26,7 @@ every sample was dropped get no row (`questions_without_rationale`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,7 +39,18 @@ from pathlib import Path
 
 import torch
 
+from pyvf.chat import render_prompt_ids, stop_token_ids
+from pyvf.data import dataset
 from pyvf.data.answers import normalize
+from pyvf.data.synthetic import RATIONALIZE_TEMPLATE
+from pyvf.options import ConfigError, add_options, from_args, option
+from pyvf.packing import Sequence
+from pyvf.runtime.policy import Policy, score_rows
+from pyvf.runtime.rollout import HFGenerate, prompt_seed
+from pyvf.splice import splice_reference
+from pyvf.train.config import TrainConfig
+from pyvf.verify.verifree import verifree_scores
+from pyvf.workflows.common import SamplingOptions, load_model, prompting
 
 # Phrases that say the writer saw or was given the answer. Matched case-insensitively on
 # word boundaries; kept specific, since "given" alone is ordinary in word problems
@@ -151,15 +162,6 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
     in the module docstring. `select` ranks a question's rationales (module docstring).
     `progress(done, total, counts)` is called after each batch of questions. `engine`
     samples (a `RolloutEngine`; default HFGenerate over `model`)."""
-    from pyvf.chat import render_prompt_ids, stop_token_ids
-    from pyvf.data.synthetic import RATIONALIZE_TEMPLATE
-    from pyvf.objectives.base import StepContext, score_rows
-    from pyvf.objectives.verifree import verifree_scores
-    from pyvf.packing import Sequence
-    from pyvf.splice import splice_reference
-    from pyvf.train.config import TrainConfig
-    from pyvf.train.policy import Policy
-    from pyvf.train.rollout import HFGenerate, prompt_seed
 
     if select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
@@ -179,7 +181,6 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
     token_budget = max(defaults.micro_batch_tokens, max_seq_len)
     policy = Policy(model)
     device = model.get_output_embeddings().weight.device
-    ctx = StepContext(step=0, policy=policy, temperature=1.0, device=device)
     if engine is None:
         engine = HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     render = dict(chat_template=chat_template, system_prompt=system_prompt, assistant_prefix=assistant_prefix)
@@ -218,7 +219,8 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
                 kept_text.append(rationale)
                 kept_reasoning.append(spliced.reasoning_ids)
         scores = verifree_scores(policy, tokenizer, kept_prompts, kept_ids, [ex.answers for ex in kept_examples],
-                                 [ex.weights for ex in kept_examples], ctx, marker=marker,
+                                 [ex.weights for ex in kept_examples], temperature=1.0, device=device,
+                                 marker=marker,
                                  answer_template=answer_template, max_seq_len=max_seq_len,
                                  token_budget=token_budget) if kept_ids else torch.zeros(0, dtype=torch.float64)
         counts["scored"] += len(kept_ids)
@@ -226,7 +228,7 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
         if select == "score_x_plausibility" and kept_ids:
             with torch.no_grad():
                 rationales = [Sequence(p, r, [], group=0) for p, r in zip(kept_prompts, kept_reasoning)]
-                logprobs = score_rows(policy, rationales, ctx, token_budget)
+                logprobs = score_rows(policy, rationales, token_budget, temperature=1.0, device=device)
             plausibility = [math.exp(float(lp.mean())) for lp in logprobs]
         best: dict[int, Candidate] = {}
         candidates: dict[int, int] = {}
@@ -279,6 +281,59 @@ class Progress:
         dropped = counts["leak_mentions"] + counts["leak_early"] + counts["no_marker"]
         print(f"rationalize: {done}/{total} questions, {counts['samples']} samples, {counts['scored']} scored, "
               f"{dropped} dropped ({time.time() - self.start:.0f} s)", file=self.stream, flush=True)
+
+
+HELP = "RAVR: rationales written with the reference in view, scored without it; best kept"
+DESCRIPTION = ("Samples --samples rationales per question with the reference answer in the prompt, drops those "
+               "that give it away (pyvf.workflows.rationalize.leak_reason) or have no answer marker, scores the "
+               "rest by pi(reference | plain prompt, rationale) and writes the best per question as JSONL rows "
+               "for pyvf sft (counts in OUTPUT.counts.json).")
+
+
+@dataclass
+class RationalizeOptions(SamplingOptions):
+    model: str = option("builtin", "model directory, a run, or builtin")
+    data: str = option("synthetic", "JSONL file of question/answer rows, or synthetic (its training split)")
+    output: str = option("rationales.jsonl", "JSONL file for the kept rationales")
+    samples: int = option(4, "rationales sampled per question (K)", minimum=1)
+    limit: int | None = option(None, "only the first N questions (synthetic: default 500)", minimum=1)
+    min_score: float = option(0.0, "keep a question's best rationale only when it scores at least this")
+    select: str = option("score_x_plausibility", "how a question's best rationale is chosen: pi(reference | "
+                         "prompt, rationale) alone, or times the rationale's geometric-mean token probability after "
+                         "the plain prompt", choices=SELECT)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, RationalizeOptions)
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = from_args(RationalizeOptions, args)
+    if opts.data == "openended":
+        raise ConfigError("--data openended has no reference answers to write rationales toward")
+    examples = dataset.load(opts.data, n_synthetic=opts.limit or 500, split="train")
+    if opts.limit is not None:
+        examples = examples[:opts.limit]
+    model, tokenizer = load_model(opts.model)
+    print(f"rationalize: {len(examples)} questions x {opts.samples} rationales, model {opts.model}, data {opts.data}",
+          flush=True)
+    rows, counts = rationalize(model, tokenizer, examples, samples=opts.samples, seed=opts.seed,
+                               max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                               batch_size=opts.batch_size, min_score=opts.min_score, max_seq_len=opts.max_seq_len,
+                               select=opts.select, progress=Progress(), **prompting(opts))
+    write_jsonl(rows, opts.output)
+    summary = counts_path(opts.output)
+    tmp = summary.with_name(f".{summary.name}.tmp")
+    tmp.write_text(json.dumps({**counts, "model": opts.model, "data": opts.data, "samples_per_question": opts.samples,
+                               "seed": opts.seed}, indent=2))
+    os.replace(tmp, summary)
+    mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
+    print(f"rationalize: {counts['samples']} samples: {counts['scored']} scored, dropped {counts['leak_mentions']} "
+          f"mentioning the reference, {counts['leak_early']} stating it early, {counts['no_marker']} without an "
+          f"answer marker")
+    print(f"rationalize: kept {len(rows)}/{counts['questions']} questions (mean score {mean:.3f}) -> {opts.output} "
+          f"(counts: {summary})")
+    return 0
 
 
 __all__ = ["COUNT_KEYS", "LEAK_PHRASES", "Progress", "counts_path", "leak_reason", "rationalize", "split_steps",

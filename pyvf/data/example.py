@@ -1,0 +1,12 @@
+"""One training or evaluation question and its equivalent reference answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answers: tuple[str, ...]      # equivalent references, first is canonical (empty: no reference)
+    weights: tuple[float, ...]    # one per answer, summing to 1
