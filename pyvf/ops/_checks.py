@@ -43,6 +43,41 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
+def check_lm_head_inputs(hidden, weight, targets, temperature, ignore_index) -> None:
+    """The inputs common to the lm_head ops (token_logprobs, policy_loss): hidden [N, H]
+    floating, weight [V, H] of its dtype, integer targets [N] in [0, V) or ignore_index,
+    all on one device, and a finite temperature > 0."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        check_tensor(name, t)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
+    n, h = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"weight must be [V, H] with H = {h} (hidden's last dim), got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if targets.dim() != 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must be 1-D of length N = {n}, got shape {tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must have an integer dtype, got {targets.dtype}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    v = weight.shape[0]
+    bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
+    if n and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
+                         f"ignore_index ({ignore_index})")
+
+
 def check_nonnegative_finite(name: str, x) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")

@@ -2,7 +2,7 @@
 gradients w.r.t. hidden and weight in one pass per chunk of rows (6NHV FLOPs), because
 the coefficients are known before the gradient is needed. Kernels:
 pyvf/kernels/triton/policy_loss.py (CUDA tensors, and CPU tensors under the Triton
-interpreter) and csrc/token_logprobs_cpu.cpp (`policy_loss_cpu`)."""
+interpreter) and csrc/policy_loss_cpu.cpp."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import math
 import torch
 
 from pyvf._native import native
-from pyvf.ops._checks import check_1d_floating, check_same_device
+from pyvf.ops._checks import check_1d_floating, check_lm_head_inputs, check_same_device
+from pyvf.ops._lm_head import CPU_CHUNK_BYTES, resolve_lm_head_backend, valid_rows
 from pyvf.ops.reference import policy_loss_reference
-from pyvf.ops.token_logprobs import CPU_CHUNK_BYTES, _resolve_backend, _valid_rows, _validate
 
 # Default bound on the [rows, V] logits workspace of one chunk.
 GPU_WORKSPACE_BYTES = 1024 * 2**20
@@ -138,21 +138,21 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     64 on the CPU). backend: "auto" (Triton on CUDA, C++ on CPU), "triton" (CPU tensors:
     the Triton interpreter), "cpu", "reference" (float64, materializes the logits).
     """
-    _validate(hidden, weight, targets, temperature, ignore_index)
+    check_lm_head_inputs(hidden, weight, targets, temperature, ignore_index)
     n = hidden.shape[0]
     _check_coeffs("coeffs", coeffs, n)
     if entropy_coeffs is not None:
         _check_coeffs("entropy_coeffs", entropy_coeffs, n)
     check_same_device(hidden=hidden, coeffs=coeffs, entropy_coeffs=entropy_coeffs)
     workspace_bytes = _workspace_bytes(workspace_mb, hidden.device)
-    backend = _resolve_backend(backend, hidden)
+    backend = resolve_lm_head_backend(backend, hidden)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if backend == "reference":
         loss, logp, entropy = policy_loss_reference(hidden, weight, targets, coeffs, temperature=temperature,
                                                     ignore_index=ignore_index, entropy_coeffs=entropy_coeffs)
         return loss.to(out_dtype), logp.to(out_dtype), entropy.to(out_dtype)
 
-    rows = _valid_rows(targets, ignore_index)
+    rows = valid_rows(targets, ignore_index)
     inv_temp = 1.0 / float(temperature)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return PolicyLoss.apply(hidden, weight, targets, coeffs, entropy_coeffs, rows, inv_temp, backend,

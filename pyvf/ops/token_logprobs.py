@@ -5,37 +5,18 @@ tensors, and CPU tensors under the Triton interpreter) and csrc/token_logprobs_c
 from __future__ import annotations
 
 import importlib
-import math
-import os
-import sys
 
 import torch
 
 from pyvf._native import native
-from pyvf.ops._checks import check_same_device, check_tensor
+from pyvf.ops._checks import check_lm_head_inputs
+# BACKENDS and CPU_CHUNK_BYTES are shared with policy_loss; they stay importable from here.
+from pyvf.ops._lm_head import BACKENDS, CPU_CHUNK_BYTES, resolve_lm_head_backend, valid_rows  # noqa: F401
 from pyvf.ops.reference import token_logprobs_reference
-
-BACKENDS = ("auto", "triton", "cpu", "reference")
-# Bound on the CPU path's [chunk, V] logits buffer.
-CPU_CHUNK_BYTES = 64 * 2**20
 
 
 def _triton_kernels():
     return importlib.import_module("pyvf.kernels.triton.token_logprobs")
-
-
-def _check_triton_device(device: torch.device) -> None:
-    """Triton runs CPU tensors only in its interpreter, which must be switched on
-    before triton is first imported. Without CUDA nothing else could use Triton, so
-    pyvf switches it on itself; otherwise the user must."""
-    if device.type != "cpu":
-        return
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            "backend='triton' on CPU tensors needs the Triton interpreter, which must be enabled before "
-            "triton is imported: set TRITON_INTERPRET=1 in the environment")
 
 
 class _TritonImpl:
@@ -63,13 +44,6 @@ class _CpuImpl:
 
 
 _IMPLS = {"triton": _TritonImpl, "cpu": _CpuImpl}
-
-
-def _valid_rows(targets: torch.Tensor, ignore_index: int):
-    """Indices of the rows that are not ignored, or None when none is (no gather needed)."""
-    keep = targets != ignore_index
-    rows = keep.nonzero().squeeze(1)
-    return None if rows.numel() == targets.numel() else rows
 
 
 def _forward(impl, hidden, weight, targets, rows, inv_temp, with_entropy):
@@ -126,57 +100,6 @@ class TokenLogprobs(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _validate(hidden, weight, targets, temperature, ignore_index):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        check_tensor(name, t)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
-    if not hidden.is_floating_point():
-        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
-    n, h = hidden.shape
-    if weight.dim() != 2 or weight.shape[1] != h:
-        raise ValueError(f"weight must be [V, H] with H = {h} (hidden's last dim), got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if targets.dim() != 1 or targets.shape[0] != n:
-        raise ValueError(f"targets must be 1-D of length N = {n}, got shape {tuple(targets.shape)}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must have an integer dtype, got {targets.dtype}")
-    check_same_device(hidden=hidden, weight=weight, targets=targets)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    v = weight.shape[0]
-    bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
-    if n and bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {v}) and is not "
-                         f"ignore_index ({ignore_index})")
-
-
-def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = hidden.device
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "cpu"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    if backend == "triton":
-        if hidden.dtype == torch.float64:
-            raise ValueError("hidden dtype float64 is not supported by the triton backend; "
-                             "use backend='cpu' (CPU tensors) or 'reference'")
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors under the interpreter), "
-                             f"got {device}")
-        _check_triton_device(device)
-    return backend
-
-
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False,
                    backend: str = "auto"):
@@ -190,8 +113,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     on CUDA, C++ on CPU), "triton" (on CPU tensors: the Triton interpreter), "cpu",
     "reference".
     """
-    _validate(hidden, weight, targets, temperature, ignore_index)
-    backend = _resolve_backend(backend, hidden)
+    check_lm_head_inputs(hidden, weight, targets, temperature, ignore_index)
+    backend = resolve_lm_head_backend(backend, hidden)
     n = hidden.shape[0]
     if backend == "reference":
         out = token_logprobs_reference(hidden, weight, targets, temperature=temperature,
@@ -202,7 +125,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
         return (empty, empty.clone()) if with_entropy else empty
 
-    rows = _valid_rows(targets, ignore_index)
+    rows = valid_rows(targets, ignore_index)
     inv_temp = 1.0 / float(temperature)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return TokenLogprobs.apply(hidden, weight, targets, rows, inv_temp, with_entropy, backend)
