@@ -1,21 +1,26 @@
-"""One full VeriFree training step: pyvf's trainer path (packed decoder forward, the
-answer rows looked at first, then the fused lm_head pass `policy_loss`), the same with
-`lm_head_pass: autograd` (token_logprobs + autograd), and the step through the model's
-full logits. Qwen3 shapes initialized at random, or the shipped model ("builtin")."""
+"""One full VeriFree training step: pyvf's trainer step itself (`Trainer.step`: splice,
+packed decoder forward, the answer rows looked at first, the fused lm_head pass
+`policy_loss`, backward, AdamW), the same with `lm_head_pass: autograd` (token_logprobs
++ autograd), and a step through the model's full logits. The trainer's rollout is a
+`ReplayEngine` (no sampling), so the step times training alone. Qwen3 shapes initialized
+at random (with the shipped tokenizer, whose ids they all cover), or the shipped model
+("builtin")."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Callable
 
 import torch
 
+from pyvf.assets import load_tokenizer
 from pyvf.bench import Record, default_dtype, dtype_name, peak_memory_bytes, random_packed_batch, time_ms
 from pyvf.losses import verifree_loss
-from pyvf.objectives.verifree import verifree_coefficients
-from pyvf.packing import ROLE_ANSWER
 from pyvf.runtime.model import load_model_and_tokenizer
-from pyvf.runtime.policy import Policy
+from pyvf.runtime.rollout import Completion
+from pyvf.train.config import from_dict
+from pyvf.train.trainer import Trainer
 
 QWEN3_SHAPES = {
     # name: (hidden, layers, heads, kv heads, intermediate); vocabulary 151936, head_dim 128
@@ -45,32 +50,67 @@ def _qwen3(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
     return model
 
 
+class ReplayEngine:
+    """A rollout engine that samples nothing: every prompt gets n copies of one completion
+    of `length` tokens that ends in an answer, so a step times the trainer's work."""
+
+    name = "replay"
+
+    def __init__(self, tokenizer, length: int):
+        tail = tokenizer(" <answer> \\boxed{1} </answer>", add_special_tokens=False)["input_ids"]
+        body = tokenizer(" 3 + 10 = 13. 13 - 9 = 4.", add_special_tokens=False)["input_ids"]
+        n = max(length - len(tail), 1)
+        self.ids = (body * (n // len(body) + 1))[:n] + tail
+
+    def generate(self, prompts, n, **_):
+        return [[Completion(list(self.ids), "stop", [-1.0] * len(self.ids)) for _ in range(n)] for _ in prompts]
+
+    def update_weights(self, named_tensors) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+def trainer_for(model, n_seq: int, seq_len: int, lm_head_pass: str, device: torch.device) -> Trainer:
+    """A VeriFree `Trainer` on `model` whose every step trains n_seq completions that fill
+    about seq_len tokens each (prompt included), in one micro-batch."""
+    tokenizer = load_tokenizer()
+    group = min(8, n_seq)
+    prompt_len = 48  # about the synthetic task's prompts
+    cfg = from_dict(dict(objective="verifree", data="synthetic", n_synthetic=64, group_size=max(group, 2),
+                         prompts_per_step=max(n_seq // group, 1), max_new_tokens=max(seq_len - prompt_len, 8),
+                         max_seq_len=seq_len + 4096, micro_batch_tokens=4 * n_seq * (seq_len + 64), lr=1e-6,
+                         lm_head_pass=lm_head_pass, device=device.type, progress=False, plot=False,
+                         output_dir=tempfile.mkdtemp(prefix="pyvf-bench-")))
+    engine = ReplayEngine(tokenizer, cfg.max_new_tokens)
+    return Trainer.build(cfg, engine=engine, model=model, tokenizer=tokenizer)
+
+
 def train_step_fn(model, batch, impl: str):
-    """One VeriFree step: forward, log-probs, loss, backward, AdamW. `pyvf`: the
-    trainer's path (hidden states, answer rows first, fused lm_head pass);
-    `pyvf-autograd`: the same with token_logprobs + autograd; `full-logits`: the model's
-    logits -> fp32 log-softmax -> verifree_loss."""
+    """One VeriFree step on about the tokens of `batch`: `pyvf`, `pyvf-autograd`: the
+    trainer's own `Trainer.step` (lm_head pass fused or autograd); `full-logits`: the
+    model's logits -> fp32 log-softmax -> verifree_loss -> backward -> AdamW on `batch`."""
+    if impl.startswith("pyvf"):
+        n_seq = batch.num_sequences
+        trainer = trainer_for(model, n_seq, batch.input_ids.numel() // n_seq,
+                              "autograd" if impl == "pyvf-autograd" else "fused", model.device)
+        return trainer.step
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
     padded = batch.padded()
-    n_seq = batch.num_sequences
 
-    def loss():
-        if impl.startswith("pyvf"):
-            policy = Policy(model, lm_head_pass="autograd" if impl == "pyvf-autograd" else "fused")
-            coeffs = lambda looked: (verifree_coefficients(looked, batch.roles, batch.cu_seqlens,  # noqa: E731
-                                                           batch.groups).coeffs / n_seq, None)
-            return policy(batch, coefficients=coeffs, look=batch.roles == ROLE_ANSWER)[0]
+    def step():
         logits = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask,
                        position_ids=padded.position_ids).logits
         flat = logits.reshape(-1, logits.shape[-1]).index_select(0, padded.flat_positions().to(logits.device))
         logp = torch.log_softmax(flat.float(), dim=-1)
         safe = batch.targets.clamp(min=0)
         logp = torch.where(batch.targets >= 0, logp.gather(1, safe[:, None]).squeeze(1), 0.0)
-        return verifree_loss(logp, batch.roles, batch.cu_seqlens, batch.groups).loss
-
-    def step():
-        loss().backward()
+        verifree_loss(logp, batch.roles, batch.cu_seqlens, batch.groups).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -27,7 +27,7 @@ import torch
 
 from pyvf.data.dataset import Example
 from pyvf.options import option
-from pyvf.packing import ROLE_REASONING, PackedBatch, Sequence
+from pyvf.packing import ROLE_REASONING, PackedBatch, Sequence, pack
 
 if TYPE_CHECKING:
     from pyvf.train.config import TrainConfig
@@ -57,6 +57,7 @@ class Sample:
     rollout_logprobs: list[float] | None  # the engine's log-prob of each sampled token
     group: int                    # the prompt's index within the step (global across ranks and rounds)
     answer_end: int | None = None  # when sampling went on past the answer (PCL): ids[:answer_end] is the answer part
+    scored: dict = field(default_factory=dict)  # what the objective's `score` found per sample, for its later calls
 
     @property
     def truncated(self) -> bool:
@@ -66,10 +67,22 @@ class Sample:
 @dataclass
 class TrainSequences:
     """What an objective trains on: packed-ready sequences and, per sequence, the sample
-    it came from and how many of its leading reasoning ids are the sampled tokens."""
+    it came from, how many of its leading reasoning ids are the sampled tokens, and any
+    values the objective reads back in `coefficients` (`data`, one list entry per
+    sequence, sliced with the micro-batches)."""
     sequences: list[Sequence]
     owner: list[int]              # index into the step's samples
     sampled_prefix: list[int]     # leading reasoning_ids that are the engine's own tokens
+    data: dict[str, list] = field(default_factory=dict)
+
+    def micro_batch(self, index: list[int], device: torch.device) -> "MicroBatch":
+        """The packed micro-batch of sequences `index`, with their slices of everything above."""
+        seqs = [self.sequences[i] for i in index]
+        batch = pack(seqs)
+        row_sequence = torch.repeat_interleave(torch.arange(len(index)), batch.cu_seqlens.diff()).to(device)
+        return MicroBatch(batch, list(index), seqs, [self.sampled_prefix[i] for i in index],
+                          torch.tensor([self.owner[i] for i in index], dtype=torch.long), row_sequence, device,
+                          {key: [values[i] for i in index] for key, values in self.data.items()})
 
 
 @dataclass
@@ -82,6 +95,7 @@ class MicroBatch:
     owner: torch.Tensor           # [B] sample index of each packed sequence
     row_sequence: torch.Tensor    # [T] packed-sequence index of each row
     device: torch.device
+    data: dict[str, list] = field(default_factory=dict)  # TrainSequences.data of the packed sequences
 
 
 @dataclass
@@ -129,6 +143,11 @@ class Objective:
         """Called once after the policy is sharded (or not) across processes."""
 
     # -- per step ------------------------------------------------------------------------
+    def prompt(self, question: str, template: str) -> tuple[str, str]:
+        """(text, template) that `pyvf.chat.render_prompt_ids` renders for one example:
+        by default the example's question in the template."""
+        return question, template
+
     def continue_rollout(self, samples: list[Sample], engine, ctx: StepContext) -> list[Sample]:
         """More sampling after the rollout, with the same engine (PCL's self-evaluation
         after the answer); the samples to score and train on. Default: none."""
@@ -156,6 +175,13 @@ class Objective:
             owner.append(i)
             prefix.append(len(ids))
         return TrainSequences(seqs, owner, prefix)
+
+    def sample_metrics(self, samples: list[Sample], ctx: StepContext) -> None:
+        """Metrics of the step's samples (`add_metric`). Default: `marker_frac`, the share
+        of completions that wrote the answer marker."""
+        marker = self.cfg.marker
+        add_metric(ctx.metrics, "marker_frac", sum(marker in self.tokenizer.decode(s.ids) for s in samples),
+                   len(samples))
 
     def look(self, mb: MicroBatch, ctx: StepContext) -> torch.Tensor | None:
         """Bool mask [T] of rows whose current log-probs `coefficients` needs, or None."""

@@ -124,7 +124,6 @@ class NOVER(Objective):
         self.think = "<think>" in (cfg.prompt_template + cfg.assistant_prefix + cfg.system_prompt)
         self.proxy = None
         self.sharded = False
-        self._reference_logprobs: list[list[float] | None] = []
 
     def attach(self, policy) -> None:
         self.proxy = Policy(copy.deepcopy(policy.model), backend=policy.backend, lm_head_pass="autograd")
@@ -183,7 +182,8 @@ class NOVER(Objective):
             completions = [Sequence(s.prompt_ids, s.ids[:r], [], group=s.group) for s, r in zip(samples, room)]
             ref = score_rows(self.proxy, completions, cfg.micro_batch_tokens, temperature=ctx.temperature,
                              device=ctx.device)
-            self._reference_logprobs = [lp.tolist() for lp in ref]
+            for s, lp in zip(samples, ref):
+                s.scored["reference_logprobs"] = lp.tolist()
         return rewards
 
     def look(self, mb: MicroBatch, ctx: StepContext):
@@ -193,7 +193,7 @@ class NOVER(Objective):
         """-A + beta * d k3/d logp on every completion row."""
         coeffs = -self.completion_advantages(mb, ctx)
         if looked is not None:
-            ref = per_token_rows(mb, self._reference_logprobs)
+            ref = per_token_rows(mb, [s.scored.get("reference_logprobs") for s in ctx.samples])
             completion = ~torch.isnan(ref)
             grad = torch.where(completion, k3_kl_grad(looked.double(), torch.nan_to_num(ref)), torch.zeros_like(ref))
             coeffs = coeffs + self.kl_beta * grad

@@ -204,7 +204,8 @@ class PCL(Objective):
         predicted = [parse_pcl_reward(p) for p in post_texts]
         consistency = torch.tensor([pcl_consistency([a, f], pred) for a, f, pred in
                                     zip(accuracy.tolist(), answer_format.tolist(), predicted)], dtype=torch.float64)
-        self._truth = list(zip(accuracy.tolist(), answer_format.tolist()))
+        for s, truth in zip(samples, zip(accuracy.tolist(), answer_format.tolist())):
+            s.scored["pcl_truth"] = truth  # (accuracy, format): the evaluation sequences() teaches
         n, m = len(samples), ctx.metrics
         add_metric(m, "pcl_accuracy", float(accuracy.sum()), n)
         add_metric(m, "pcl_format", float(full_format.sum()), n)
@@ -219,27 +220,27 @@ class PCL(Objective):
         answer part as context followed by the evaluation written from its true rewards
         and EOS (SFT on those tokens)."""
         cfg, eos = self.cfg, self.tokenizer.eos_token_id
-        seqs, owner, prefix = [], [], []
-        self._answer_rows, self._kind = [], []
+        seqs, owner, prefix, answer_rows, kind = [], [], [], [], []
         for i, s in enumerate(samples):
             room = max(0, cfg.max_seq_len - len(s.prompt_ids))
             ids = s.ids[:room]
             answer, _ = self._parts(s)
             seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
             owner.append(i), prefix.append(len(ids))
-            self._answer_rows.append(min(len(answer), len(ids)))
-            self._kind.append("sampled")
+            answer_rows.append(min(len(answer), len(ids)))
+            kind.append("sampled")
             if s.answer_end is None:
                 continue
-            evaluation = self.tokenizer(pcl_evaluation_text(*self._truth[i]), add_special_tokens=False)["input_ids"]
+            evaluation = self.tokenizer(pcl_evaluation_text(*s.scored["pcl_truth"]),
+                                        add_special_tokens=False)["input_ids"]
             context = s.prompt_ids + answer
             if len(context) + len(evaluation) + 1 > cfg.max_seq_len:
                 continue
             seqs.append(Sequence(context, [], [], group=s.group, post_ids=evaluation + [eos]))
             owner.append(i), prefix.append(0)
-            self._answer_rows.append(0)
-            self._kind.append("evaluation")
-        return TrainSequences(seqs, owner, prefix)
+            answer_rows.append(0)
+            kind.append("evaluation")
+        return TrainSequences(seqs, owner, prefix, {"answer_rows": answer_rows, "kind": kind})
 
     def coefficients(self, mb: MicroBatch, looked, ctx: StepContext):
         """-A on every sampled row, - w_answer * accuracy on the answer part's rows,
@@ -248,11 +249,11 @@ class PCL(Objective):
         roles = mb.batch.roles
         starts = mb.batch.cu_seqlens.tolist()
         w_answer, w_eval = self.config.pcl_sft_answer, self.config.pcl_sft_evaluation
-        for b, (j, seq) in enumerate(zip(mb.index, mb.sequences)):
+        for b, seq in enumerate(mb.sequences):
             first = starts[b] + len(seq.prompt_ids) - 1  # the row that predicts the first non-prompt token
-            if self._kind[j] == "sampled":
-                acc = self._truth[int(mb.owner[b])][0]
-                c[first:first + self._answer_rows[j]] -= w_answer * acc
+            if mb.data["kind"][b] == "sampled":
+                acc = ctx.samples[int(mb.owner[b])].scored["pcl_truth"][0]
+                c[first:first + mb.data["answer_rows"][b]] -= w_answer * acc
             else:
                 rows = slice(first, first + len(seq.post_ids))
                 c[rows] = torch.where(roles[rows] == ROLE_POST, c[rows] - w_eval, c[rows])

@@ -220,6 +220,11 @@ class RZeroChallenger(Objective):
     prompt_template = QUESTION_PROMPT
     needs_references = False       # the challenger's prompt is fixed; the data's questions are not used
 
+    def prompt(self, question: str, template: str) -> tuple[str, str]:
+        """The challenger's prompt is the template itself, the same for every example: its
+        questions come from the model, not from the data."""
+        return (template, "{question}") if "{question}" not in template else (question, template)
+
     def attach(self, policy) -> None:
         _sentence_bleu()  # fail before training when sacrebleu is missing
         device = next(policy.parameters()).device

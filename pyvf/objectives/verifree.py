@@ -190,7 +190,7 @@ class VeriFree(Objective):
         """prompt | reasoning through the marker | reference answer, one sequence per
         (completion, reference); the completion as sampled where it has no answer."""
         cfg = self.cfg
-        seqs, owner, prefix, self._weights, self._first = [], [], [], [], []
+        seqs, owner, prefix, weights, first_copy = [], [], [], [], []
         for i, s in enumerate(samples):
             room = max(0, cfg.max_seq_len - len(s.prompt_ids))
             spliced = splice_reference(self.tokenizer, s.ids, list(s.example.answers), marker=cfg.marker,
@@ -199,7 +199,7 @@ class VeriFree(Objective):
                 # Reward 0; the completion as sampled still gets its policy-gradient term.
                 ids = s.ids[:room]
                 seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
-                owner.append(i), prefix.append(len(ids)), self._weights.append(1.0), self._first.append(True)
+                owner.append(i), prefix.append(len(ids)), weights.append(1.0), first_copy.append(True)
                 continue
             for k, (sp, w) in enumerate(zip(spliced, s.example.weights)):
                 reasoning = sp.reasoning_ids[:room]
@@ -209,9 +209,9 @@ class VeriFree(Objective):
                 seqs.append(Sequence(s.prompt_ids, reasoning, answer, group=s.group))
                 owner.append(i)
                 prefix.append(min(sp.n_kept, len(reasoning)) if k == 0 else 0)
-                self._weights.append(w)
-                self._first.append(k == 0)
-        return TrainSequences(seqs, owner, prefix)
+                weights.append(w)
+                first_copy.append(k == 0)
+        return TrainSequences(seqs, owner, prefix, {"weight": weights, "first_copy": first_copy})
 
     def look(self, mb: MicroBatch, ctx: StepContext) -> torch.Tensor:
         return mb.batch.roles.to(mb.device) == ROLE_ANSWER
@@ -221,8 +221,8 @@ class VeriFree(Objective):
         out = verifree_coefficients(
             looked, batch.roles.to(device), batch.cu_seqlens.to(device), batch.groups.to(device),
             completion=mb.owner.to(device),
-            weights=torch.tensor([self._weights[j] for j in mb.index], dtype=torch.float64, device=device),
-            first_copy=torch.tensor([self._first[j] for j in mb.index], device=device),
+            weights=torch.tensor(mb.data["weight"], dtype=torch.float64, device=device),
+            first_copy=torch.tensor(mb.data["first_copy"], device=device),
             extra_rewards=None if ctx.extra_rewards is None else ctx.extra_rewards[torch.unique(mb.owner)])
         n = out.rewards.numel()
         m = ctx.metrics

@@ -25,7 +25,7 @@ from pyvf.chat import check_vocabulary, describe, render_prompt_ids, stop_token_
 from pyvf.data import dataset
 from pyvf.objectives import get_objective
 from pyvf.objectives.base import (
-    MicroBatch, Objective, Sample, StepContext, add_metric, aggregation_scale, group_stds, per_token_rows,
+    Objective, Sample, StepContext, add_metric, aggregation_scale, group_stds, per_token_rows,
 )
 from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
@@ -61,16 +61,19 @@ class DataOrder:
 class Prompts:
     """Prompt token ids per example, rendered once (chat template when the tokenizer has
     one and chat_template is auto), with the config's prompt template, else the
-    objective's (`default_template`; one without {question} is the same prompt for
-    every example), else the task's."""
+    objective's, else the task's; the objective decides what fills the template
+    (`Objective.prompt`)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, examples, *, default_template: str = ""):
-        template = cfg.prompt_template or default_template
-        fixed = template and "{question}" not in template  # one prompt for every example (R-Zero's challenger)
-        self._render = lambda q: render_prompt_ids(tokenizer, template if fixed else q,
-                                                   template="{question}" if fixed else template,
-                                                   chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                                   assistant_prefix=cfg.assistant_prefix)
+    def __init__(self, cfg: TrainConfig, tokenizer, examples, objective: Objective | None = None):
+        template = cfg.prompt_template or (objective.prompt_template if objective is not None else "")
+        fill_in = objective.prompt if objective is not None else lambda question, template: (question, template)
+
+        def render(question: str) -> list[int]:
+            text, fill = fill_in(question, template)
+            return render_prompt_ids(tokenizer, text, template=fill, chat_template=cfg.chat_template,
+                                     system_prompt=cfg.system_prompt, assistant_prefix=cfg.assistant_prefix)
+
+        self._render = render
         self.examples = examples
         self._ids: dict[int, list[int]] = {}
 
@@ -219,133 +222,167 @@ def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], c
     return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids, synced=sharded)
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
-    """Runs optimizer steps up to cfg.max_steps (from a checkpoint when `resume` is
-    given) and returns the last step's metrics."""
+class Trainer:
+    """`build` once (model, data, objective, engine, optimizer, a resumed state), then
+    `step` per optimizer step, or `run` for the whole loop with its checkpoints."""
 
-    cfg.validate()
-    rank, world, device = distributed.setup(cfg.device)
-    sharded = world > 1
-    if cfg.prompts_per_step % world:
-        raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} processes")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg: TrainConfig, **parts):
+        self.cfg = cfg
+        self.__dict__.update(parts)
 
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype)
-    check_vocabulary(model, tokenizer)
-    stop_ids = stop_token_ids(model, tokenizer)
-    model.to(device)
-    examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
-    objective = get_objective(cfg.objective)(cfg, tokenizer)
-    prompts = Prompts(cfg, tokenizer, examples, default_template=objective.prompt_template)
-    _check_data(cfg, tokenizer, prompts, objective)
-    loss_agg = objective.config.loss_agg
-    state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
-    optimizer_state = None
-    policy = Policy(model, backend=cfg.logprob_backend, lm_head_pass=cfg.lm_head_pass)
-    objective.attach(policy)
-    if resume:
-        model_state, optimizer_state, state, objective_state = checkpoint.load(resume, rank=rank if sharded else None)
-        load_weights(model, model_state)
-        state.config = cfg.to_dict()
-        objective.load_state_dict(objective_state)
-        if rank == 0:
-            log.info("resumed from %s at step %d", checkpoint.resolve(resume), state.step)
-    else:
-        objective.setup(policy, examples, prompts, device, rank=rank, world=world)
-    # The engine starts from the unsharded weights (vLLM loads them from a directory).
-    engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded)
-    if sharded:
-        distributed.shard(policy)
-    objective.after_shard(sharded)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
-    if optimizer_state is not None:
-        distributed.load_optimizer_state(optimizer, optimizer_state)
-    if sharded:
-        # FSDP2 picks its root at the first forward: make it the policy, before
-        # generation runs the decoder layers on their own.
-        with torch.no_grad():
-            policy(pack([Sequence(stop_ids[:1], stop_ids[:1], [], group=0)]))
-    order = DataOrder(len(examples), cfg.seed)
-    extra_reward = ExtraReward(cfg, tokenizer, policy, examples) if cfg.reward else None
-    metrics = MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None
-    if rank == 0:
-        log.info("train: objective %s (loss %s), rollout engine %s, lm_head pass %s, %d process(es)",
-                 cfg.objective, loss_agg, getattr(engine, "name", type(engine).__name__), cfg.lm_head_pass, world)
-        log.info("train: stop tokens %s", tokenizer.convert_ids_to_tokens(stop_ids))
-        log.info("train: %s", describe(tokenizer, chat_template=cfg.chat_template,
-                                               system_prompt=cfg.system_prompt,
-                                               assistant_prefix=cfg.assistant_prefix))
+    @classmethod
+    def build(cls, cfg: TrainConfig, *, resume: str | None = None, engine=None, model=None,
+              tokenizer=None) -> "Trainer":
+        """Everything a run needs, from `cfg` (and the checkpoint `resume`). `engine`,
+        `model` and `tokenizer` replace the ones cfg names (a benchmark's, a test's)."""
+        cfg.validate()
+        rank, world, device = distributed.setup(cfg.device)
+        sharded = world > 1
+        if cfg.prompts_per_step % world:
+            raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} processes")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        out_dir = Path(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
 
-    progress = None
-    if rank == 0 and cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
-    record: dict = {}
-    last_saved = state.step if resume else -1
-    try:
-        while state.step < cfg.max_steps:
-            step = state.step + 1
-            t0 = time.perf_counter()
-            timer = StepTimer()
-            ctx = StepContext(step=step, policy=policy, temperature=cfg.temperature, device=device, world=world,
-                              rank=rank)
-            engine.wake()
-            samples, rewards, info = collect(cfg, engine, prompts, order, state, objective, ctx, timer, rank, world,
-                                             sharded_policy=policy if sharded else None, extra_reward=extra_reward)
-            engine.sleep()
-            policy.train()
-            with timer("forward_backward"):
-                sums = accumulate_gradients(cfg, objective, loss_agg, policy, samples, rewards, ctx, tokenizer)
-            with timer("optimizer"):
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                if sums["samples_global"] > 0:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.step = step
-            if cfg.rollout == "vllm":
-                with timer("weight_sync"):  # device tensors in one process, gathered shards under torchrun
-                    weights = distributed.full_model_state(policy, True) if sharded else policy.model.state_dict()
-                    engine.update_weights(weights.items())
-
-            record = step_record(cfg, step, sums, ctx, info, grad_norm, timer, time.perf_counter() - t0, world, device)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, torch.bfloat16 if cfg.dtype == "bfloat16"
+                                                        else torch.float32)
+        check_vocabulary(model, tokenizer)
+        stop_ids = stop_token_ids(model, tokenizer)
+        model.to(device)
+        examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
+        objective = get_objective(cfg.objective)(cfg, tokenizer)
+        prompts = Prompts(cfg, tokenizer, examples, objective)
+        _check_data(cfg, tokenizer, prompts, objective)
+        state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
+        optimizer_state = None
+        policy = Policy(model, backend=cfg.logprob_backend, lm_head_pass=cfg.lm_head_pass)
+        objective.attach(policy)
+        if resume:
+            model_state, optimizer_state, state, objective_state = checkpoint.load(resume,
+                                                                                   rank=rank if sharded else None)
+            load_weights(model, model_state)
+            state.config = cfg.to_dict()
+            objective.load_state_dict(objective_state)
             if rank == 0:
-                metrics.write(record)
-                if record.get("rollout_logprob_diff", 0.0) > cfg.rollout_logprob_warn:
-                    log.warning("step %d: engine and trainer log-probs differ by %.3g on average (> %g): are the "
-                                "engine's weights in sync?", step, record["rollout_logprob_diff"],
-                                cfg.rollout_logprob_warn)
+                log.info("resumed from %s at step %d", checkpoint.resolve(resume), state.step)
+        else:
+            objective.setup(policy, examples, prompts, device, rank=rank, world=world)
+        # The engine starts from the unsharded weights (vLLM loads them from a directory).
+        engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded)
+        if sharded:
+            distributed.shard(policy)
+        objective.after_shard(sharded)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
+        if optimizer_state is not None:
+            distributed.load_optimizer_state(optimizer, optimizer_state)
+        if sharded:
+            # FSDP2 picks its root at the first forward: make it the policy, before
+            # generation runs the decoder layers on their own.
+            with torch.no_grad():
+                policy(pack([Sequence(stop_ids[:1], stop_ids[:1], [], group=0)]))
+        if rank == 0:
+            log.info("train: objective %s (loss %s), rollout engine %s, lm_head pass %s, %d process(es)",
+                     cfg.objective, objective.config.loss_agg, getattr(engine, "name", type(engine).__name__),
+                     cfg.lm_head_pass, world)
+            log.info("train: stop tokens %s", tokenizer.convert_ids_to_tokens(stop_ids))
+            log.info("train: %s", describe(tokenizer, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                                           assistant_prefix=cfg.assistant_prefix))
+        return cls(cfg, rank=rank, world=world, device=device, sharded=sharded, out_dir=out_dir, tokenizer=tokenizer,
+                   objective=objective, prompts=prompts, order=DataOrder(len(examples), cfg.seed), policy=policy,
+                   engine=engine, optimizer=optimizer, state=state, resumed=bool(resume),
+                   extra_reward=ExtraReward(cfg, tokenizer, policy, examples) if cfg.reward else None,
+                   metrics=MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None)
+
+    def step(self) -> dict:
+        """One optimizer step on a fresh rollout; returns its metrics record (written to
+        metrics.jsonl on rank 0)."""
+        cfg, policy, engine = self.cfg, self.policy, self.engine
+        step = self.state.step + 1
+        t0 = time.perf_counter()
+        timer = StepTimer()
+        ctx = StepContext(step=step, policy=policy, temperature=cfg.temperature, device=self.device, world=self.world,
+                          rank=self.rank)
+        engine.wake()
+        samples, rewards, info = collect(cfg, engine, self.prompts, self.order, self.state, self.objective, ctx, timer,
+                                         self.rank, self.world, sharded_policy=policy if self.sharded else None,
+                                         extra_reward=self.extra_reward)
+        engine.sleep()
+        policy.train()
+        with timer("forward_backward"):
+            sums = accumulate_gradients(cfg, self.objective, self.objective.config.loss_agg, policy, samples, rewards,
+                                        ctx, self.tokenizer)
+        with timer("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            if sums["samples_global"] > 0:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state.step = step
+        if cfg.rollout == "vllm":
+            with timer("weight_sync"):  # device tensors in one process, gathered shards under torchrun
+                weights = distributed.full_model_state(policy, True) if self.sharded else policy.model.state_dict()
+                engine.update_weights(weights.items())
+        record = step_record(cfg, step, sums, ctx, info, grad_norm, timer, time.perf_counter() - t0, self.world,
+                             self.device)
+        if self.rank == 0:
+            self.metrics.write(record)
+            if record.get("rollout_logprob_diff", 0.0) > cfg.rollout_logprob_warn:
+                log.warning("step %d: engine and trainer log-probs differ by %.3g on average (> %g): are the "
+                            "engine's weights in sync?", step, record["rollout_logprob_diff"], cfg.rollout_logprob_warn)
+        return record
+
+    def save(self) -> None:
+        _save(self.out_dir, self.policy, self.optimizer, self.state, self.tokenizer, self.objective, self.sharded,
+              self.rank)
+
+    def run(self) -> dict:
+        """Steps up to cfg.max_steps with progress, checkpoints (every save_every, at the end
+        and at stop_after) and the plot; returns the last step's metrics."""
+        cfg, state = self.cfg, self.state
+        progress = None
+        if self.rank == 0 and cfg.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+        record: dict = {}
+        last_saved = state.step if self.resumed else -1
+        try:
+            while state.step < cfg.max_steps:
+                record = self.step()
+                step = state.step
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_mean']:.3f}",
-                                         marker=f"{record['marker_frac']:.2f}")
-                elif step % cfg.log_every == 0:
+                                         marker=f"{record.get('marker_frac', 0.0):.2f}")
+                elif self.rank == 0 and step % cfg.log_every == 0:
                     log.info("step %d loss %.4f reward %.3f marker %.2f (%.1f s)", step, record["loss"],
-                             record["reward_mean"], record["marker_frac"], record["step_time"])
+                             record["reward_mean"], record.get("marker_frac", 0.0), record["step_time"])
+                stopping = cfg.stop_after and step >= cfg.stop_after
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
+                    self.save()
+                    last_saved = step
+                if stopping:
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        if state.step != last_saved and state.step > 0:
+            self.save()
+        if self.rank == 0:
+            if cfg.plot:
+                plot(self.metrics.records(), self.out_dir / "metrics.png", title=f"pyvf {cfg.objective} ({cfg.model})")
+            self.metrics.close()
+        distributed.teardown()
+        return record
 
-            stopping = cfg.stop_after and step >= cfg.stop_after
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
-                _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank)
-                last_saved = step
-            if stopping:
-                break
-    finally:
-        if progress is not None:
-            progress.close()
-    if state.step != last_saved and state.step > 0:
-        _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank)
-    if rank == 0:
-        if cfg.plot:
-            plot(metrics.records(), out_dir / "metrics.png", title=f"pyvf {cfg.objective} ({cfg.model})")
-        metrics.close()
-    distributed.teardown()
-    return record
+
+def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
+    """Runs optimizer steps up to cfg.max_steps (from a checkpoint when `resume` is
+    given) and returns the last step's metrics."""
+    return Trainer.build(cfg, resume=resume, engine=engine).run()
 
 
 def _trained_rows(seq: Sequence) -> int:
@@ -381,12 +418,8 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
             loss, _, _ = policy(dummy, cfg.temperature, coefficients=lambda _: (torch.zeros(2, device=device), None))
             (loss * 0).backward()
             continue
-        index = plan[k]
-        batch = pack([seqs[i] for i in index])
-        owner = torch.tensor([train_seqs.owner[i] for i in index], dtype=torch.long)
-        row_sequence = torch.repeat_interleave(torch.arange(len(index)), batch.cu_seqlens.diff()).to(device)
-        mb = MicroBatch(batch, index, [seqs[i] for i in index], [train_seqs.sampled_prefix[i] for i in index], owner,
-                        row_sequence, device)
+        mb = train_seqs.micro_batch(plan[k], device)
+        batch = mb.batch
         look = objective.look(mb, ctx)
         scale = aggregation_scale(loss_agg, mb, trained_rows_per_sample=rows_per_sample, n_samples=int(n_samples),
                                   n_trained_rows=int(n_rows))
@@ -412,7 +445,7 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
 
     sums["reward"] = float(ctx.rewards.sum()) if ctx.rewards is not None else 0.0
     sums["adv_sq"] = float((ctx.advantages.double() ** 2).sum()) if ctx.advantages is not None else 0.0
-    sums["marker"] = float(sum(cfg.marker in tokenizer.decode(s.ids) for s in samples))
+    objective.sample_metrics(samples, ctx)
     sums["truncated"] = float(sum(s.truncated for s in samples))
     sums["stopped"] = float(sum(s.finish == "stop" for s in samples))
     sums["completion_len"] = float(sum(len(s.ids) for s in samples))
@@ -433,7 +466,6 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
         "loss": t["loss"],
         "reward_mean": t["reward"] / n,
         "advantage_std": (t["adv_sq"] / n) ** 0.5,
-        "marker_frac": t["marker"] / n,
         "truncated_frac": t["truncated"] / n,
         "stop_frac": t["stopped"] / n,
         "reasoning_len": t["completion_len"] / n,

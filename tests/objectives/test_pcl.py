@@ -120,7 +120,7 @@ def test_verifree_accuracy_is_the_reference_probability():
     samples = pcl_samples(tok, POSTS)
     ctx = context(policy)
     obj.score(samples, ctx)
-    acc = [a for a, _ in obj._truth]
+    acc = [s.scored["pcl_truth"][0] for s in samples]
     want = verifree_scores(policy, tok, [s.prompt_ids for s in samples], [s.ids[:s.answer_end] for s in samples],
                            [s.example.answers for s in samples], [s.example.weights for s in samples],
                            temperature=ctx.temperature, device=ctx.device, marker=cfg.marker, answer_template=cfg.answer_template, max_seq_len=cfg.max_seq_len,
@@ -149,9 +149,8 @@ def test_sequences_and_masks():
 
     ctx.advantages = grouped_advantages(rewards.float(), torch.zeros(4, dtype=torch.long), estimator="grpo",
                                         eps=1e-4)
-    from test_base import micro_batch
-
-    mb = micro_batch(ts.sequences, ts.owner, ts.sampled_prefix)
+    ctx.samples = samples
+    mb = ts.micro_batch(list(range(len(ts.sequences))), torch.device("cpu"))
     c, e = obj.coefficients(mb, None, ctx)
     assert e is None
     starts = mb.batch.cu_seqlens.tolist()
@@ -200,7 +199,7 @@ def test_gradient_is_grpo_plus_both_sft_terms(lm_head_pass):
         first = starts[b] + len(seq.prompt_ids) - 1
         if b % 2 == 0:
             lp = logp[first:first + len(samples[i].ids)]
-            acc = obj._truth[i][0]
+            acc = samples[i].scored["pcl_truth"][0]
             loss = loss - adv[i] * lp.sum() - 0.1 * acc * lp[:samples[i].answer_end].sum()
         else:
             loss = loss - 0.1 * logp[first:first + len(seq.post_ids)].sum()

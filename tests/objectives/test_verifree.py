@@ -137,7 +137,7 @@ def test_trainer_gradient_equals_verifree_loss(budget, lm_head_pass):
     ts = objective.sequences(samples)
     batch = pack(ts.sequences)
     logprobs = policy(batch)
-    weights = torch.tensor([objective._weights[i] for i in range(len(ts.sequences))])
+    weights = torch.tensor(ts.data["weight"])
     out = verifree_loss(logprobs, batch.roles, batch.cu_seqlens, batch.groups, completion=torch.tensor(ts.owner),
                         weights=weights)
     out.loss.backward()
