@@ -7,7 +7,11 @@ trl/trainer/grpo_trainer.py (`_get_per_token_logps_and_entropies`, `_compute_los
 """
 
 import copy
+import importlib
 import math
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,6 +73,51 @@ def grpo_args(tmp_path, **overrides):
                 learning_rate=1e-4, use_cpu=True, bf16=False, save_strategy="no", seed=0)
     base.update(overrides)
     return GRPOConfig(**base)
+
+
+# --- package layout -------------------------------------------------------------------
+
+# Run in a fresh interpreter: this module has imported TRL and the trainers already.
+LAZY_IMPORT = """
+import sys
+from pyvf.integrations.trl import TESTED_TRL_VERSION, FusedLogprobsOutput, patch_per_token_logps
+assert "trl" not in sys.modules, "importing pyvf.integrations.trl imported trl"
+import pyvf.integrations.trl as pkg
+cls = pkg.VeriFreeTrainer
+from pyvf.integrations.trl.verifree import VeriFreeTrainer
+assert "trl" in sys.modules and cls is VeriFreeTrainer
+"""
+
+# sys.modules["trl"] = None makes `import trl` raise ImportError, as when TRL is not installed.
+WITHOUT_TRL = """
+import sys
+sys.modules["trl"] = None
+import pyvf.integrations.trl as pkg
+for name in ("VeriFreeTrainer", "RLPRTrainer"):
+    try:
+        getattr(pkg, name)
+    except ImportError as exc:
+        assert "pip install 'pyvf[trl]'" in str(exc), exc
+    else:
+        raise AssertionError(f"{name} imported without trl")
+"""
+
+
+@pytest.mark.parametrize("script", [LAZY_IMPORT, WITHOUT_TRL], ids=["lazy-import", "without-trl"])
+def test_package_imports_trl_only_for_a_trainer(script):
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("name, module", [("VeriFreeTrainer", "verifree"), ("RLPRTrainer", "rlpr")])
+def test_trainers_are_module_level_classes(name, module):
+    import pyvf.integrations.trl as pkg
+
+    cls = getattr(importlib.import_module(f"pyvf.integrations.trl.{module}"), name)
+    assert cls is getattr(pkg, name)
+    assert cls.__qualname__ == name and cls.__module__ == f"pyvf.integrations.trl.{module}"
+    assert issubclass(cls, trl.GRPOTrainer)
+    assert pickle.loads(pickle.dumps(cls)) is cls  # found again by its module and name
 
 
 # --- patch_per_token_logps ----------------------------------------------------------------
@@ -274,6 +323,26 @@ def test_verifree_rejects_what_does_not_apply(tmp_path):
     with pytest.raises(ValueError, match="'answer' column"):
         VeriFreeTrainer(model, args=grpo_args(tmp_path), train_dataset=ds.remove_columns("answer"),
                         processing_class=tok)
+
+
+def test_verifree_subclass_from_its_module(tmp_path):
+    from pyvf.integrations.trl.verifree import VeriFreeTrainer as FromModule
+
+    class CountingTrainer(FromModule):
+        """Counts the splices: a hook a user subclass overrides."""
+
+        def _splice(self, *args, **kwargs):
+            self.splices = getattr(self, "splices", 0) + 1
+            return super()._splice(*args, **kwargs)
+
+    ds, probs = problems_dataset(4)
+    tok = load_tokenizer()
+    trainer = CountingTrainer(tiny_model(vocab=len(tok)), args=grpo_args(tmp_path), train_dataset=ds,
+                              processing_class=tok)
+    assert isinstance(trainer, VeriFreeTrainer) and trainer.model._pyvf_token_logprobs
+    prompts, completions, refs = _fixed_completions(tok, probs)
+    inputs = trainer._splice(prompts, completions, refs, torch.device("cpu"))
+    assert trainer.splices == 1 and inputs["found"].tolist() == [True, True, True, False]
 
 
 # --- RLPRTrainer ----------------------------------------------------------------------
