@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pyvf.packing import Sequence, pack
+from pyvf.runtime.model import choose_forward_mode
 
 TESTED_TRL_VERSION = "1.16.0"
 _INSTALL_HINT = f"pip install 'pyvf[trl]' (or pip install trl=={TESTED_TRL_VERSION})"
@@ -65,8 +66,6 @@ def _score_forward(model, sequences: list[Sequence], pad_id: int, device, layout
     padding-free [1, T] with position_ids restarting per sequence where the attention
     takes it, else padded [B, L]. `model` may be wrapped (DDP, PEFT); `layout_model` is
     the transformers model underneath."""
-    from pyvf.runtime.model import choose_forward_mode
-
     batch = pack(sequences)
     if choose_forward_mode(layout_model, device) == "packed":
         out = model(input_ids=batch.input_ids.to(device)[None], position_ids=batch.position_ids.to(device)[None],
