@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from pyvf.options import ConfigError
+from pyvf.options import ConfigError, add_options, from_args, option
 from pyvf.packing import Sequence, pack
 
 # Suite name -> module. New suites add a line here.
@@ -286,38 +286,44 @@ def run_suites(device: str | None, sizes: list[int] | None, output: str | None, 
 HELP = "time the ops at sizes that fit this machine and print a table"
 
 
-def _sizes(text: str) -> list[int]:
+@dataclass
+class BenchOptions:
+    device: str | None = option(None, "cpu or cuda (none: cuda when available)")
+    sizes: str | None = option(None, "comma-separated batch sizes, e.g. 1e4,1e6 (none: by device)")
+    output: str | None = option(None, "also write the results as JSON (and .md, .png) to this file")
+    impls: str | None = option(None, "comma-separated implementations, each suite keeps the ones it knows "
+                                     "(none: all)")
+
+
+def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(float(s)) for s in text.split(",") if s]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"--sizes must be comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"--sizes must be positive integers, got {text!r}")
+        raise ConfigError(f"--sizes must be positive integers, got {text!r}")
     return sizes
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--sizes", type=_sizes, default=None,
-                        help="comma-separated batch sizes, e.g. 1e4,1e6 (default: by device)")
-    parser.add_argument("--output", default=None, help="also write the results as JSON (and .md, .png) to this file")
+    add_options(parser, BenchOptions)
     parser.add_argument("suites", nargs="*", metavar="SUITE",
                         help=f"suites to run (default: {' '.join(DEFAULT_SUITES)}); one or more of "
                              f"{', '.join(SUITES)}")
-    parser.add_argument("--impls", default=None,
-                        help="comma-separated implementations, each suite keeps the ones it knows (default: all)")
 
 
 def main(args: argparse.Namespace) -> int:
+    opts = from_args(BenchOptions, args)
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
         raise ConfigError(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
-    impls = args.impls.split(",") if args.impls else None
+    impls = opts.impls.split(",") if opts.impls else None
     known = {i for names in suite_impls(args.suites or DEFAULT_SUITES).values() for i in names}
     unknown = sorted(set(impls or []) - known)
     if unknown:
         raise ConfigError(f"unknown --impls {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    return run_suites(args.device, args.sizes, args.output, impls, args.suites or None)
+    sizes = parse_sizes(opts.sizes) if opts.sizes else None
+    return run_suites(opts.device, sizes, opts.output, impls, args.suites or None)
 
 
 # Names the benchmarks/ suites and scripts import from `pyvf.bench`, resolved lazily so
