@@ -43,8 +43,8 @@ EOF
 
 log=$(mktemp)
 set +e
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_layout.py tests/test_packed_forward.py \
-  tests/test_rollout.py tests/test_chat.py tests/test_config_and_data.py tests/test_train.py 2>&1 | tee "$log"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_layout.py \
+  tests/runtime tests/test_chat.py tests/train tests/data 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "ci-lower-bounds: $(($(date +%s) - start)) s"

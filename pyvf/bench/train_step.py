@@ -16,7 +16,6 @@ import torch
 
 from pyvf.assets import load_tokenizer
 from pyvf.bench import Record, default_dtype, dtype_name, peak_memory_bytes, random_packed_batch, time_ms
-from pyvf.losses import verifree_loss
 from pyvf.runtime.model import load_model_and_tokenizer
 from pyvf.runtime.rollout import Completion
 from pyvf.train.config import from_dict
@@ -76,12 +75,13 @@ class ReplayEngine:
 
 
 def trainer_for(model, n_seq: int, seq_len: int, lm_head_pass: str, device: torch.device) -> Trainer:
-    """A VeriFree `Trainer` on `model` whose every step trains n_seq completions that fill
-    about seq_len tokens each (prompt included), in one micro-batch."""
+    """A VeriFree `Trainer` on `model` whose every step trains n_seq completions (at least
+    one group of 2) that fill about seq_len tokens each (prompt included), in one
+    micro-batch."""
     tokenizer = load_tokenizer()
-    group = min(8, n_seq)
+    group = max(min(8, n_seq), 2)
     prompt_len = 48  # about the synthetic task's prompts
-    cfg = from_dict(dict(objective="verifree", data="synthetic", n_synthetic=64, group_size=max(group, 2),
+    cfg = from_dict(dict(objective="verifree", data="synthetic", n_synthetic=64, group_size=group,
                          prompts_per_step=max(n_seq // group, 1), max_new_tokens=max(seq_len - prompt_len, 8),
                          max_seq_len=seq_len + 4096, micro_batch_tokens=4 * n_seq * (seq_len + 64), lr=1e-6,
                          lm_head_pass=lm_head_pass, device=device.type, progress=False, plot=False,
@@ -90,40 +90,24 @@ def trainer_for(model, n_seq: int, seq_len: int, lm_head_pass: str, device: torc
     return Trainer.build(cfg, engine=engine, model=model, tokenizer=tokenizer)
 
 
+# The three ways of the bench's step through the lm_head (pyvf.runtime.policy.LM_HEAD_PASSES).
+LM_HEAD_PASS = {"pyvf": "fused", "pyvf-autograd": "autograd", "full-logits": "full_logits"}
+
+
 def train_step_fn(model, batch, impl: str):
-    """One VeriFree step on about the tokens of `batch`: `pyvf`, `pyvf-autograd`: the
-    trainer's own `Trainer.step` (lm_head pass fused or autograd); `full-logits`: the
-    model's logits -> fp32 log-softmax -> verifree_loss -> backward -> AdamW on `batch`."""
-    if impl.startswith("pyvf"):
-        n_seq = batch.num_sequences
-        trainer = trainer_for(model, n_seq, batch.input_ids.numel() // n_seq,
-                              "autograd" if impl == "pyvf-autograd" else "fused", model.device)
-        return trainer.step
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
-    padded = batch.padded()
-
-    def step():
-        logits = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask,
-                       position_ids=padded.position_ids).logits
-        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, padded.flat_positions().to(logits.device))
-        logp = torch.log_softmax(flat.float(), dim=-1)
-        safe = batch.targets.clamp(min=0)
-        logp = torch.where(batch.targets >= 0, logp.gather(1, safe[:, None]).squeeze(1), 0.0)
-        verifree_loss(logp, batch.roles, batch.cu_seqlens, batch.groups).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    """`Trainer.step` on about the tokens of `batch` (its number of sequences and mean
+    length), with impl's lm_head pass: `pyvf` the fused `policy_loss`, `pyvf-autograd`
+    token_logprobs + autograd, `full-logits` the [T, V] logits and their log-softmax."""
+    n_seq = batch.num_sequences
+    return trainer_for(model, n_seq, batch.input_ids.numel() // n_seq, LM_HEAD_PASS[impl], model.device).step
 
 
 def bench_train_step(shape: str, n_seq: int, seq_len: int, device: torch.device, dtype: torch.dtype,
                      vocab: int = 151936, impls=None, model=None, repeats: int | None = None,
                      on_record: Callable[[Record], None] | None = None) -> list[Record]:
-    """Tokens/s and peak memory of one training step, pyvf's fused path against the
-    same step through the model's full logits (`ms` per step). `model` reuses one made
-    by `_qwen3`; `on_record` sees each Record as soon as it is measured."""
+    """Tokens/s and peak memory of one `Trainer.step` with each lm_head pass (`ms` per
+    step; `n` the tokens one step trains, prompts included). `model` reuses one made by
+    `_qwen3`; `on_record` sees each Record as soon as it is measured."""
     model = model if model is not None else _qwen3(shape, vocab, dtype, device)
     vocab = model.config.vocab_size  # the shipped model has its own
     batch = random_packed_batch(n_seq, seq_len, vocab, 8, device)
@@ -134,9 +118,11 @@ def bench_train_step(shape: str, n_seq: int, seq_len: int, device: torch.device,
                      dtype_name(dtype), None, None, None)
         try:
             step = train_step_fn(model, batch, impl)
-            rec.ms = time_ms(step, device, repeats=repeats, warmup=1)
+            first = step()  # the warm-up, and how many tokens a step trains
+            rec.n = round(first["tokens_per_s"] * first["step_time"])
+            rec.ms = time_ms(step, device, repeats=repeats, warmup=0)
             rec.peak_mem_bytes = peak_memory_bytes(step, device)
-            rec.tokens_per_s = n_seq * seq_len / (rec.ms / 1e3)
+            rec.tokens_per_s = rec.n / (rec.ms / 1e3)
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             rec.ms = None

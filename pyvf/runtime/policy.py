@@ -7,7 +7,9 @@ Two calls:
   the objective's no-grad look at the `look` rows, then its coefficients, then the
   lm_head pass. `lm_head_pass="fused"` runs `pyvf.ops.policy_loss` (logits, dz and
   both gradients in one pass, 6NHV); "autograd" runs `token_logprobs` and lets
-  autograd do the backward (8NHV), for comparison and for models that need it.
+  autograd do the backward (8NHV), for comparison and for models that need it;
+  "full_logits" builds the [T, V] logits and their fp32 log-softmax, as a trainer
+  without fused kernels does (a baseline for benchmarks).
 Being a module (rather than a function reaching into `model.lm_head`) lets FSDP2
 gather the lm_head for the pass.
 """
@@ -24,7 +26,7 @@ from pyvf.packing import PackedBatch, Sequence, pack, plan_micro_batches
 from pyvf.runtime import distributed
 from pyvf.runtime.model import decoder_hidden_states
 
-LM_HEAD_PASSES = ("fused", "autograd")
+LM_HEAD_PASSES = ("fused", "autograd", "full_logits")
 
 CoefficientFn = Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -48,8 +50,10 @@ class Policy(nn.Module):
         if coefficients is None:
             return token_logprobs(hidden, weight, targets, with_entropy=with_entropy, backend=self.backend, **common)
 
-        if self.lm_head_pass == "autograd":
-            logp, entropy = token_logprobs(hidden, weight, targets, with_entropy=True, backend=self.backend, **common)
+        if self.lm_head_pass != "fused":
+            logp, entropy = (token_logprobs(hidden, weight, targets, with_entropy=True, backend=self.backend, **common)
+                             if self.lm_head_pass == "autograd" else
+                             _full_logits_logprobs(hidden, weight, targets, temperature, batch.ignore_index))
             coeffs, entropy_coeffs = coefficients(None if look is None else logp.detach())
             loss = (coeffs.to(logp.dtype) * logp).sum()
             if entropy_coeffs is not None:
@@ -66,6 +70,15 @@ class Policy(nn.Module):
         return policy_loss(hidden, weight, targets, coeffs.float(),
                            entropy_coeffs=None if entropy_coeffs is None else entropy_coeffs.float(),
                            backend=self.backend if self.backend != "reference" else "reference", **common)
+
+
+def _full_logits_logprobs(hidden, weight, targets, temperature: float, ignore_index: int):
+    """(log-probs of the targets, entropies) through the [T, V] logits, differentiable."""
+    logp_all = torch.log_softmax((hidden @ weight.T).float() / temperature, dim=-1)
+    valid = targets != ignore_index
+    logp = logp_all.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import yaml
 from pyvf.objectives import get_objective, objective_names
 from pyvf.objectives.base import ObjectiveConfig
 from pyvf.options import ConfigError, check, coerce, describe, is_optional, keys, option
+from pyvf.runtime.policy import LM_HEAD_PASSES
 from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
 
 log = logging.getLogger("pyvf")
@@ -60,8 +61,8 @@ class TrainConfig:
     reward: str = option("", "a verifier spec added to any objective's reward, e.g. \"0.5*majority\"")
 
     # loss and optimization (official VeriFree: lr 1e-6, betas (0.9, 0.95), clip 1.0)
-    lm_head_pass: str = option("fused", "fused (policy_loss, one pass) or autograd (token_logprobs + autograd)",
-                               choices=("fused", "autograd"))
+    lm_head_pass: str = option("fused", "fused (policy_loss, one pass), autograd (token_logprobs + autograd) or "
+                               "full_logits (the [T, V] logits, a baseline)", choices=LM_HEAD_PASSES)
     lr: float = option(1e-6, "AdamW learning rate")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")

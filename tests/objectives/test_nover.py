@@ -109,7 +109,7 @@ def test_rewards_rank_valid_completions_only():
     assert r[0] == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd"])
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd", "full_logits"])
 def test_gradient_is_policy_gradient_plus_k3_kl_to_the_proxy(lm_head_pass):
     """Token-mean of -A logp + beta k3(logp, proxy) (TRL 0.16 GRPOTrainer.compute_loss,
     as NOVER's trainer.py uses it), with the proxy made different from the policy."""

@@ -171,7 +171,7 @@ def test_sequences_and_masks():
             assert torch.all(rows[:first] == 0)
 
 
-@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd"])
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd", "full_logits"])
 def test_gradient_is_grpo_plus_both_sft_terms(lm_head_pass):
     """The step's gradient equals autograd through the loss written out: token mean over
     every trained row of -(A lp) on the sampled rows, -(w1 acc lp) on the answer part,

@@ -119,7 +119,7 @@ from pyvf.train.trainer import accumulate_gradients  # noqa: E402
 
 
 @pytest.mark.parametrize("budget", [8192, 600])
-@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd"])
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd", "full_logits"])
 def test_trainer_gradient_equals_verifree_loss(budget, lm_head_pass):
     """The coefficients the objective hands the lm_head pass (answer rows looked at
     first, then -A on the reasoning and -w R on the answers), accumulated over

@@ -157,37 +157,6 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
-def test_train_help_lists_every_key():
-    """The common keys and every objective's, each with its default."""
-    from pyvf.objectives import get_objective, objective_names
-    from pyvf.options import keys
-    from pyvf.train.config import TrainConfig
-
-    proc = subprocess.run([sys.executable, "-m", "pyvf.cli", "train", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "1000"})
-    assert proc.returncode == 0
-    lines = proc.stdout.splitlines()
-    every = [keys(TrainConfig)] + [keys(get_objective(name).Config) for name in objective_names()]
-    for fields in every:
-        for name in fields:
-            at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"--{name.replace('_', '-')} "))
-            entry = " ".join(lines[at:at + 2])  # argparse puts a long option's help on the next line
-            assert "(default: " in entry, entry
-    assert "objective rlpr (--objective rlpr):" in proc.stdout and "keys of several objectives" in proc.stdout
-
-
-def test_eval_on_jsonl(tmp_path):
-    data = tmp_path / "q.jsonl"
-    rows = [{"question": p.question, "answer": list(p.answers)} for p in
-            __import__("pyvf.data.synthetic", fromlist=["generate"]).generate(6, seed=99)]
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    out = tmp_path / "eval.json"
-    assert cli(["eval", "--model", BUILTIN, "--data", str(data), "--output", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["n"] == 6 and 0.0 <= result["accuracy"] <= 1.0
-    assert result["correct"] == sum(d["correct"] for d in result["details"])
-
-
 def test_train_a_chat_model(tmp_path, caplog):
     """A model directory whose tokenizer has a chat template, chat special tokens, two
     EOS ids and no pad token: prompts go through the template, generation stops at
@@ -205,12 +174,3 @@ def test_train_a_chat_model(tmp_path, caplog):
     assert "chat template" in text and "<think>" in text
     assert "<|im_end|>" in text and "<|endoftext|>" in text  # both stop tokens
     assert [r["step"] for r in metrics(out)] == [1]
-
-
-def test_every_subcommand_has_a_handler():
-    import argparse
-
-    from pyvf.cli import COMMANDS, build_parser
-
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == set(COMMANDS) | {"train"}

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import pyvf.data.answers as answers
-from pyvf.data.answers import answer_backend, equivalent_pair, is_equivalent
+from pyvf.data.answers import answer_backend, equivalent_pair, is_equivalent, last_boxed, normalize
 
 # (prediction, reference, math-verify says, normalizer says)
 CASES = [
@@ -76,3 +76,18 @@ def test_backend_choice_logged_once(with_math_verify, monkeypatch, caplog):
 
 def test_none_never_matches():
     assert is_equivalent(None, ["1"]) is False and is_equivalent(None, ["1"], backend="normalizer") is False
+
+
+@pytest.mark.parametrize("pred,refs,ok", [
+    ("8/5", ["1.6"], True), ("1.60", ["8/5"], True), ("\\frac{8}{5}", ["1.6"], True),
+    (" 13 ", ["13"], True), ("13.0", ["13"], True), ("14", ["13"], False), (None, ["1"], False),
+    ("Paris", ["paris"], True), ("1/0", ["1"], False),
+])
+def test_answer_equivalence(pred, refs, ok):
+    assert is_equivalent(pred, refs) is ok
+
+
+def test_last_boxed():
+    assert last_boxed("a \\boxed{1} b \\boxed{\\frac{8}{5}} c") == "\\frac{8}{5}"
+    assert last_boxed("no box") is None and last_boxed("\\boxed{unclosed") is None
+    assert normalize("\\boxed{1.5}") == normalize("3/2")
