@@ -13,10 +13,11 @@ import sys
 
 from pyvf import bench
 from pyvf.options import ConfigError
-from pyvf.workflows import bon, demo, evaluate, rationalize, selfplay, sft, train
+from pyvf.train.trainer import NonFiniteError
+from pyvf.workflows import bon, demo, evaluate, export, rationalize, selfplay, sft, train
 
 COMMANDS = {"train": train, "eval": evaluate, "demo": demo, "selfplay": selfplay, "rationalize": rationalize,
-            "sft": sft, "bon": bon, "bench": bench}
+            "sft": sft, "bon": bon, "export": export, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":  # an objective given as module:Class brings keys of its own
             return train.main(args, extra)
         return COMMANDS[args.command].main(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as e:
         if os.environ.get("PYVF_DEBUG"):
             raise
         print(f"pyvf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, NonFiniteError) else 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Checkpoints: model weights (safetensors), optimizer state, RNG states, data position,
-config and the objective's own state (RLPR's filter and score-A cache, NOVER's proxy). Written into a temporary directory and renamed into place, so a crash
-never leaves a half-written checkpoint; `latest` names the newest complete one."""
+config and the objective's own state (RLPR's filter and score-A cache, NOVER's proxy).
+Written into a staging directory, fsynced and renamed into place, so a crash never leaves
+a half-written checkpoint; `latest` names the newest complete one, and older ones are
+removed only after it is complete."""
 
 from __future__ import annotations
 
@@ -51,11 +53,11 @@ def staging_dir(directory: Path, step: int) -> Path:
 
 
 def save(directory: Path, *, model, model_state: dict, optimizer_state: dict | None, state: TrainerState,
-         tokenizer=None, objective_state: dict | None = None) -> Path:
+         tokenizer=None, objective_state: dict | None = None, keep: int = 0) -> Path:
     """Writes checkpoints/step-NNNNNN under `directory` atomically; returns its path.
-    optimizer_state None means the ranks already staged their shards. The checkpoint
-    is also a Hugging Face model directory (config.json, model.safetensors,
-    tokenizer), usable as `--model`."""
+    optimizer_state None means the ranks already staged their shards. `keep` > 0 then
+    removes all but the newest `keep`. The checkpoint is also a Hugging Face model
+    directory (config.json, model.safetensors, tokenizer), usable as `--model`."""
     root = Path(directory) / "checkpoints"
     final = root / f"step-{state.step:06d}"
     tmp = staging_dir(directory, state.step)
@@ -69,13 +71,52 @@ def save(directory: Path, *, model, model_state: dict, optimizer_state: dict | N
     torch.save(objective_state or {}, tmp / "objective.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(
         {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
+    _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(final.name)
+    _fsync_tree(pointer)
     os.replace(pointer, root / LATEST)
+    _fsync_tree(root)  # the renames themselves
+    prune(directory, keep)
     return final
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flushes a file, or a directory and everything in it, to the disk."""
+    paths = [path] if path.is_file() else [*sorted(p for p in path.rglob("*")), path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Removes all but the newest `keep` complete checkpoints (never the one `latest`
+    names; keep 0 keeps all); returns what it removed."""
+    if keep < 1:
+        return []
+    root = Path(directory) / "checkpoints"
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    removed = [p for p in done[:max(len(done) - keep, 0)] if p.name != latest]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+def remove_staging(directory: Path) -> list[Path]:
+    """Removes what an interrupted save left (staging directories, a pointer never
+    renamed); `latest` still names the last complete checkpoint."""
+    root = Path(directory) / "checkpoints"
+    stale = sorted(root.glob(".tmp-step-*")) + sorted(root.glob(f".{LATEST}.tmp"))
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return stale
 
 
 def resolve(path: str | Path) -> Path:

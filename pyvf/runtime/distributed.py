@@ -1,6 +1,8 @@
-"""Process groups and FSDP2 sharding. A single process needs none of it; under
-`torchrun` each rank holds a shard of the model (`fully_shard` per decoder layer, then
-the whole policy) and a slice of each step's prompts."""
+"""Process groups and FSDP2 sharding. Under `torchrun` each rank holds a shard of the
+model (`fully_shard` per decoder layer, then the whole policy) and a slice of each step's
+prompts. Mixed precision (bf16 compute, fp32 master weights, gradients reduced in fp32)
+is FSDP2's in any number of processes, one included: a single process then gets a
+process group of its own."""
 
 from __future__ import annotations
 
@@ -10,15 +12,22 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initializes the process group under torchrun."""
+def setup(device: str, *, group_of_one: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initializes the process group under torchrun, and a
+    group of this process alone with `group_of_one` (FSDP2 in one process)."""
+    global _owned
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but no CUDA device is available")
-    if world > 1 and not dist.is_initialized():
+    if not dist.is_initialized() and world > 1:
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-        global _owned
+        _owned = True
+    elif not dist.is_initialized() and group_of_one:
+        if want_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
         _owned = True
     rank = dist.get_rank() if world > 1 else 0
     if want_cuda:
@@ -48,12 +57,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(policy: torch.nn.Module) -> None:
-    from torch.distributed.fsdp import fully_shard
+def shard(policy: torch.nn.Module, *, mixed_precision: bool = False) -> None:
+    """FSDP2 per decoder layer, then the whole policy; with `mixed_precision` the layers
+    compute in bf16 from fp32 master weights and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+          else MixedPrecisionPolicy())
     for layer in policy.model.get_decoder().layers:
-        fully_shard(layer)
-    fully_shard(policy)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

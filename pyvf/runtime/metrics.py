@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("pyvf")
@@ -18,21 +19,20 @@ class MetricsLog:
     def __init__(self, output_dir: Path, *, resume_step: int = 0, tensorboard: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A resumed run rewrites the steps after its checkpoint.
-        kept = []
-        if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        elif self.path.exists():
-            self.path.unlink()
-        if kept:
-            self.path.write_text("\n".join(kept) + "\n")
+        # A resumed run keeps the steps up to its checkpoint and writes the rest again, so
+        # each step is there once however the last run ended (a line torn by a kill is dropped).
+        kept = [json.dumps(r) for r in _read(self.path) if r["step"] <= resume_step] if resume_step else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # purge_step drops the events a crashed run wrote after the checkpoint.
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"),
+                                            purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 log.info("metrics: tensorboard not installed, no event files")
 
@@ -45,13 +45,24 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, record["step"])
 
     def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return _read(self.path)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _read(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line a kill cut short is left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("metrics: dropping a torn line of %s", path)
+    return records
 
 
 def plot(records: list[dict], path: Path, title: str = "") -> Path | None:

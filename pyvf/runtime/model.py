@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,6 +56,17 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recomputes each decoder layer in the backward instead of keeping its activations.
+    Set before FSDP2 wraps the layers (as torchtitan orders them), in the non-reentrant
+    form, the one that composes with FSDP2 (transformers checkpoints the layer's forward,
+    so FSDP2's hooks stay outside it)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_weights(model: nn.Module, tensors: dict) -> None:
@@ -183,3 +196,19 @@ def decoder_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
                                                    or _packed_is_cheaper(model, batch)):
         return _hidden_packed(model, batch)
     return _hidden_padded(model, batch)
+
+
+def save_model(model, tokenizer, output_dir: str | Path) -> Path:
+    """A Hugging Face model directory (safetensors weights, config, tokenizer), written
+    next to `output_dir` and renamed into place."""
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

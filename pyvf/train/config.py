@@ -68,14 +68,28 @@ class TrainConfig:
     beta2: float = option(0.95, "AdamW beta2")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradient-norm clip")
+    max_nonfinite_steps: int = option(3, "stop after this many steps in a row whose loss or gradient norm is not "
+                                         "finite (each is skipped: no update, nothing pushed to the engine)",
+                                      minimum=1)
     micro_batch_tokens: int = option(8192, "token budget of one forward/backward; groups never split", minimum=1)
 
     # runtime
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    dtype: str = option("float32", "float32 or bfloat16 (weights and compute)", choices=("float32", "bfloat16"))
+    dtype: str = option("float32", "float32, or bfloat16: bf16 compute with fp32 master weights, fp32 optimizer "
+                                   "state and gradients reduced in fp32 (FSDP2 mixed precision, one process "
+                                   "included)", choices=("float32", "bfloat16"))
+    activation_checkpointing: str = option("auto", "full: each decoder layer's activations are recomputed in the "
+                                           "backward instead of kept (about 1.33x the decoder FLOPs, one layer's "
+                                           "activations at a time); none; auto: full on CUDA, none on the CPU",
+                                           choices=("auto", "full", "none"))
     logprob_backend: str = option("auto", "the lm_head ops' backend: auto, cpu, cuda or reference")
     n_synthetic: int = option(5000, "size of the synthetic training set", minimum=1)
-    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    save_every: int = option(0, "checkpoint every N steps (0: by time and at the end only)", minimum=0)
+    save_every_minutes: float = option(30.0, "also checkpoint when this long has passed since the last one "
+                                             "(0: never by time), so a crash loses at most this much work",
+                                       minimum=0)
+    keep_checkpoints: int = option(3, "keep the newest N checkpoints, removing older ones once a new one is "
+                                      "complete (0: keep all)", minimum=0)
     stop_after: int = option(0, "stop (with a checkpoint) after this step, as if interrupted")
     log_every: int = option(1, "log a line every N steps when the progress bar is off")
     progress: bool = option(True, "a progress bar")

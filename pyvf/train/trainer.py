@@ -13,6 +13,7 @@ file per method) decides everything method-specific; nothing here names a method
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -31,8 +32,9 @@ from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
 from pyvf.runtime import checkpoint, distributed
 from pyvf.runtime.metrics import MetricsLog, plot
-from pyvf.runtime.model import load_model_and_tokenizer, load_weights
+from pyvf.runtime.model import enable_activation_checkpointing, load_model_and_tokenizer, load_weights
 from pyvf.runtime.policy import Policy
+from pyvf.runtime.preemption import PreemptionGuard
 from pyvf.runtime.rollout import HFGenerate, prompt_seed
 from pyvf.train.config import ConfigError, TrainConfig
 from pyvf.verify import get_verifier
@@ -216,10 +218,15 @@ def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], c
 
             raise ConfigError(f"--rollout vllm: {INSTALL_HINT}")
         return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=cache_dir,
+                                     dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                                      max_model_len=cfg.max_seq_len + cfg.max_new_tokens)
 
     return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids, synced=sharded)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row with a loss or gradient norm that is not finite."""
 
 
 class Trainer:
@@ -228,6 +235,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, **parts):
         self.cfg = cfg
+        self.nonfinite_in_row = 0
         self.__dict__.update(parts)
 
     @classmethod
@@ -236,8 +244,9 @@ class Trainer:
         """Everything a run needs, from `cfg` (and the checkpoint `resume`). `engine`,
         `model` and `tokenizer` replace the ones cfg names (a benchmark's, a test's)."""
         cfg.validate()
-        rank, world, device = distributed.setup(cfg.device)
-        sharded = world > 1
+        mixed = cfg.dtype == "bfloat16"  # bf16 compute, fp32 master weights: FSDP2's, in any number of processes
+        rank, world, device = distributed.setup(cfg.device, group_of_one=mixed)
+        sharded = world > 1 or mixed
         if cfg.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} processes")
         torch.manual_seed(cfg.seed)
@@ -245,13 +254,17 @@ class Trainer:
         np.random.seed(cfg.seed)
         out_dir = Path(cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            for stale in checkpoint.remove_staging(out_dir):
+                log.info("train: removed %s, left by an interrupted save", stale)
 
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(cfg.model, torch.bfloat16 if cfg.dtype == "bfloat16"
-                                                        else torch.float32)
+            model, tokenizer = load_model_and_tokenizer(cfg.model)  # fp32: the master weights
         check_vocabulary(model, tokenizer)
         stop_ids = stop_token_ids(model, tokenizer)
         model.to(device)
+        if cfg.activation_checkpointing == "full" or (cfg.activation_checkpointing == "auto" and device.type == "cuda"):
+            enable_activation_checkpointing(model)
         examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
         objective = get_objective(cfg.objective)(cfg, tokenizer)
         prompts = Prompts(cfg, tokenizer, examples, objective)
@@ -273,7 +286,7 @@ class Trainer:
         # The engine starts from the unsharded weights (vLLM loads them from a directory).
         engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded)
         if sharded:
-            distributed.shard(policy)
+            distributed.shard(policy, mixed_precision=mixed)
         objective.after_shard(sharded)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
@@ -317,30 +330,42 @@ class Trainer:
                                         ctx, self.tokenizer)
         with timer("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            if sums["samples_global"] > 0:
+            # The loss is summed and the norm reduced over ranks, so every rank decides alike.
+            finite = not sums["nonfinite"] and math.isfinite(sums["loss"]) and math.isfinite(_value(grad_norm))
+            if finite and sums["samples_global"] > 0:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step
-        if cfg.rollout == "vllm":
+        self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+        if not finite and self.rank == 0:
+            log.warning("step %d: loss %s, gradient norm %s: not finite, the step is skipped (%d in a row)", step,
+                        sums["loss"], _value(grad_norm), self.nonfinite_in_row)
+        if finite and cfg.rollout == "vllm":
             with timer("weight_sync"):  # device tensors in one process, gathered shards under torchrun
                 weights = distributed.full_model_state(policy, True) if self.sharded else policy.model.state_dict()
                 engine.update_weights(weights.items())
         record = step_record(cfg, step, sums, ctx, info, grad_norm, timer, time.perf_counter() - t0, self.world,
                              self.device)
+        record["skipped_nonfinite"] = 0 if finite else 1
         if self.rank == 0:
             self.metrics.write(record)
             if record.get("rollout_logprob_diff", 0.0) > cfg.rollout_logprob_warn:
                 log.warning("step %d: engine and trainer log-probs differ by %.3g on average (> %g): are the "
                             "engine's weights in sync?", step, record["rollout_logprob_diff"], cfg.rollout_logprob_warn)
+        if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(f"step {step}: the loss or gradient norm was not finite for {self.nonfinite_in_row} "
+                                 f"steps in a row (max_nonfinite_steps); no update was applied, and the last "
+                                 f"checkpoint in {self.out_dir / 'checkpoints'} holds the last good weights")
         return record
 
     def save(self) -> None:
         _save(self.out_dir, self.policy, self.optimizer, self.state, self.tokenizer, self.objective, self.sharded,
-              self.rank)
+              self.rank, keep=self.cfg.keep_checkpoints)
 
     def run(self) -> dict:
-        """Steps up to cfg.max_steps with progress, checkpoints (every save_every, at the end
-        and at stop_after) and the plot; returns the last step's metrics."""
+        """Steps up to cfg.max_steps with progress, checkpoints (every save_every steps or
+        save_every_minutes, at the end, at stop_after and when a preemption signal came) and
+        the plot; returns the last step's metrics."""
         cfg, state = self.cfg, self.state
         progress = None
         if self.rank == 0 and cfg.progress:
@@ -349,23 +374,16 @@ class Trainer:
             progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
         record: dict = {}
         last_saved = state.step if self.resumed else -1
+        saved_at = time.monotonic()
         try:
-            while state.step < cfg.max_steps:
-                record = self.step()
-                step = state.step
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_mean']:.3f}",
-                                         marker=f"{record.get('marker_frac', 0.0):.2f}")
-                elif self.rank == 0 and step % cfg.log_every == 0:
-                    log.info("step %d loss %.4f reward %.3f marker %.2f (%.1f s)", step, record["loss"],
-                             record["reward_mean"], record.get("marker_frac", 0.0), record["step_time"])
-                stopping = cfg.stop_after and step >= cfg.stop_after
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
-                    self.save()
-                    last_saved = step
-                if stopping:
-                    break
+            with PreemptionGuard() as guard:
+                while state.step < cfg.max_steps:
+                    record = self.step()
+                    stop = self._after_step(record, progress, guard, saved_at)
+                    if stop is not None:
+                        last_saved, saved_at = state.step, time.monotonic()
+                        if stop:
+                            break
         finally:
             if progress is not None:
                 progress.close()
@@ -377,6 +395,30 @@ class Trainer:
             self.metrics.close()
         distributed.teardown()
         return record
+
+    def _after_step(self, record: dict, progress, guard: PreemptionGuard, saved_at: float) -> bool | None:
+        """Logs the step and saves when due: None when nothing was saved, else whether the
+        run stops here (stop_after, or a preemption signal on any rank)."""
+        cfg, step = self.cfg, self.state.step
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward_mean']:.3f}",
+                                 marker=f"{record.get('marker_frac', 0.0):.2f}")
+        elif self.rank == 0 and step % cfg.log_every == 0:
+            log.info("step %d loss %.4f reward %.3f marker %.2f (%.1f s)", step, record["loss"],
+                     record["reward_mean"], record.get("marker_frac", 0.0), record["step_time"])
+        # Every rank must take the same decision (a save is collective).
+        preempted = distributed.all_max(float(guard.requested is not None), self.device) > 0
+        overdue = cfg.save_every_minutes and time.monotonic() - saved_at >= 60 * cfg.save_every_minutes
+        overdue = distributed.all_max(float(bool(overdue)), self.device) > 0
+        stopping = bool(cfg.stop_after and step >= cfg.stop_after) or preempted
+        if not ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping or overdue):
+            return None
+        self.save()
+        if preempted and self.rank == 0:
+            log.warning("train: stopped by %s after step %d, checkpoint written; continue with --resume %s",
+                        guard.requested or "a signal on another rank", step, self.out_dir)
+        return stopping
 
 
 def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
@@ -411,7 +453,7 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
     plan = plan_micro_batches([len(q) for q in seqs], [q.group for q in seqs], cfg.micro_batch_tokens) if seqs else []
     # Every rank runs as many forwards as the busiest one (FSDP2's collectives pair up).
     n_micro = int(distributed.all_max(float(len(plan)), device))
-    sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0)
+    sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0, nonfinite=0.0)
     for k in range(n_micro):
         if k >= len(plan):
             dummy = pack([Sequence([0], [0], [], group=-1)])
@@ -426,7 +468,13 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
 
         def coefficients(looked, mb=mb, scale=scale):
             c, e = objective.coefficients(mb, looked, ctx)
-            return c.to(device) * scale, (None if e is None else e.to(device) * scale)
+            c, e = c.to(device) * scale, (None if e is None else e.to(device) * scale)
+            if not (torch.isfinite(c).all() and (e is None or torch.isfinite(e).all())):
+                # An overflow upstream (the look, a reward): this micro-batch trains
+                # nothing and the step is skipped (Trainer.step).
+                sums["nonfinite"] += 1
+                return torch.zeros_like(c), None
+            return c, e
 
         loss, logprobs, entropy = policy(batch, cfg.temperature, coefficients=coefficients, look=look)
         # FSDP2 averages gradients over ranks; the coefficients already divide by the
@@ -459,6 +507,11 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
     return totals
 
 
+def _value(norm) -> float:
+    """A gradient norm as a float (a sharded run's is a DTensor)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) -> dict:
     n = max(t["samples_global"], 1.0)
     record = {
@@ -471,7 +524,7 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
         "reasoning_len": t["completion_len"] / n,
         "entropy": t["entropy"] / max(t["entropy_n"], 1.0),
         "rollout_logprob_diff": t["diff"] / max(t["diff_n"], 1.0),
-        "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+        "grad_norm": _value(grad_norm),
         "tokens_per_s": t["tokens"] / dt,
         "step_time": dt,
         "lr": cfg.lr,
@@ -488,7 +541,7 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
     return record
 
 
-def _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank) -> None:
+def _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank, keep: int = 0) -> None:
     model_state = distributed.full_model_state(policy, sharded)
     objective_state = objective.state_dict()  # every rank: it may gather shards
     optimizer_state = optimizer.state_dict()
@@ -501,7 +554,7 @@ def _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank
         optimizer_state = None
     if rank == 0:
         path = checkpoint.save(out_dir, model=policy.model, model_state=model_state, optimizer_state=optimizer_state,
-                               state=state, tokenizer=tokenizer, objective_state=objective_state)
+                               state=state, tokenizer=tokenizer, objective_state=objective_state, keep=keep)
         log.info("checkpoint: %s", path)
     if sharded:
         distributed.barrier()

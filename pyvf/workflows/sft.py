@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pyvf.data import dataset, synthetic
 from pyvf.data.dataset import SYNTHETIC_EVAL_SEED, SYNTHETIC_TRAIN_SEED
 from pyvf.options import ConfigError, add_options, from_args, option
 from pyvf.packing import IGNORE_INDEX, Sequence, pack
+from pyvf.runtime.model import save_model
 from pyvf.runtime.policy import Policy
 from pyvf.workflows.common import PromptOptions, load_model, prompting
 from pyvf.workflows.evaluate import evaluate
@@ -164,22 +163,6 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int = 200, lr: float = 1e-
                 f"({time.time() - start:.0f} s)")
     model.eval()
     return losses
-
-
-def save_model(model, tokenizer, output_dir: str | Path) -> Path:
-    """A Hugging Face model directory (safetensors weights, config, tokenizer), written
-    next to `output_dir` and renamed into place."""
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 HELP = "supervised fine-tuning on question/completion rows (e.g. pyvf rationalize's output)"

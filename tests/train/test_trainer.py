@@ -174,3 +174,84 @@ def test_train_a_chat_model(tmp_path, caplog):
     assert "chat template" in text and "<think>" in text
     assert "<|im_end|>" in text and "<|endoftext|>" in text  # both stop tokens
     assert [r["step"] for r in metrics(out)] == [1]
+
+
+def _nan_at(trainer, steps):
+    """Makes the decoder's output NaN during the training forward of `steps`, as an
+    overflow would (the rollout and the scoring before it stay finite)."""
+    def poison(module, args, output):
+        if trainer.state.step + 1 in steps and torch.is_grad_enabled():
+            return output * float("nan")
+        return output
+
+    trainer.policy.model.get_decoder().norm.register_forward_hook(poison)
+
+
+def test_a_nonfinite_step_is_skipped_and_counted(tmp_path):
+    from pyvf.train.config import from_dict
+    from pyvf.train.trainer import Trainer
+
+    cfg = from_dict({"max_steps": 3, "n_synthetic": 32, "output_dir": str(tmp_path), "prompts_per_step": 2,
+                     "group_size": 4, "max_new_tokens": 40, "progress": False, "plot": False, "lr": 1e-3})
+    trainer = Trainer.build(cfg)
+    _nan_at(trainer, {2})
+    before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
+    trainer.step()
+    after_one = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
+    assert any(not torch.equal(before[k], after_one[k]) for k in before)  # step 1 updated
+    record = trainer.step()
+    assert record["skipped_nonfinite"] == 1 and not math.isfinite(record["loss"])
+    assert all(torch.equal(after_one[k], v) for k, v in trainer.policy.model.state_dict().items())  # no update
+    assert trainer.step()["skipped_nonfinite"] == 0 and trainer.nonfinite_in_row == 0
+    assert [r["skipped_nonfinite"] for r in metrics(tmp_path)] == [0, 1, 0]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_finite_weights_saved(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pyvf.runtime import checkpoint
+    from pyvf.train import trainer as trainer_mod
+
+    build = trainer_mod.Trainer.build
+
+    def build_poisoned(*args, **kw):
+        trainer = build(*args, **kw)
+        _nan_at(trainer, {2, 3, 4})
+        return trainer
+
+    trainer_mod.Trainer.build = build_poisoned
+    try:
+        code = cli(["train", "--max-steps", "6", "--save-every", "1", "--n-synthetic", "32", "--output-dir",
+                    str(tmp_path), *FAST])
+    finally:
+        trainer_mod.Trainer.build = build
+    assert code == 1
+    assert "step 4: the loss or gradient norm was not finite for 3 steps in a row" in capsys.readouterr().err
+    assert [r["skipped_nonfinite"] for r in metrics(tmp_path)] == [0, 1, 1, 1]
+    latest = checkpoint.resolve(tmp_path)
+    assert latest.name == "step-000003"
+    assert all(torch.isfinite(t).all() for t in load_file(str(latest / "model.safetensors")).values())
+
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+    """A scheduler's SIGTERM with the default settings: the step in flight finishes, a
+    checkpoint of it is written and the process exits 0; --resume then goes on."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvf.cli", "train", "--max-steps", "200", "--n-synthetic", "64",
+                             "--output-dir", str(out), *FAST], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and metrics(out)):
+        time.sleep(0.2)
+    assert metrics(out), "no step finished in time"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    steps = [r["step"] for r in metrics(out)]
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{steps[-1]:06d}" and steps[-1] < 200
+    assert cli(["train", "--resume", str(out), "--max-steps", str(steps[-1] + 1)]) == 0
+    assert [r["step"] for r in metrics(out)] == list(range(1, steps[-1] + 2))
