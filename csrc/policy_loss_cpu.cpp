@@ -54,16 +54,6 @@ void policy_row(T* row, int64_t v, T inv_temp, int64_t target, T c, const T* ec,
   }
 }
 
-// policy_loss's rows: statistics and, when need_grad, dL/dz in place.
-template <typename T>
-void policy_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, const T* coeffs,
-                 const T* entropy_coeffs, bool need_grad, T* logp, T* lse, T* entropy) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < c; ++i)
-    policy_row(logits + i * v, v, inv_temp, targets[i], coeffs[i], entropy_coeffs ? entropy_coeffs + i : nullptr,
-               need_grad, logp + i, lse + i, entropy + i);
-}
-
 }  // namespace
 
 std::vector<torch::Tensor> policy_loss_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
@@ -78,37 +68,57 @@ std::vector<torch::Tensor> policy_loss_cpu(const torch::Tensor& hidden, const to
               "entropy_coeffs must be [N]");
   const bool need_grad = need_d_hidden || need_d_weight;
   const auto ct = compute_dtype(hidden);
-  const auto h_c = hidden.to(ct).contiguous();
-  const auto w_c = weight.to(ct).contiguous();
+  // Detached: the row blocks call ATen from OpenMP threads, outside autograd.
+  const auto h_c = hidden.detach().to(ct).contiguous();
+  const auto w_c = weight.detach().to(ct).contiguous();
+  const auto w_t = w_c.t();
   const auto tgt = targets.contiguous();
-  const auto c_c = coeffs.to(ct).contiguous();
-  const auto e_c = with_entropy_grad ? entropy_coeffs->to(ct).contiguous() : torch::Tensor();
-  auto opts = hidden.options().dtype(ct);
+  const auto c_c = coeffs.detach().to(ct).contiguous();
+  const auto e_c = with_entropy_grad ? entropy_coeffs->detach().to(ct).contiguous() : torch::Tensor();
+  auto opts = hidden.options().dtype(ct).requires_grad(false);
   auto logp = torch::empty({n}, opts), lse = torch::empty({n}, opts), entropy = torch::empty({n}, opts);
   auto d_hidden = need_d_hidden ? torch::empty({n, hidden.size(1)}, opts) : torch::Tensor();
-  auto d_weight = need_d_weight ? torch::zeros({v, hidden.size(1)}, opts) : torch::Tensor();
+  // Written by the first chunk's GEMM, accumulated into by the others: no zero fill.
+  auto d_weight = !need_d_weight ? torch::Tensor()
+                  : n == 0 ? torch::zeros({v, hidden.size(1)}, opts) : torch::empty({v, hidden.size(1)}, opts);
   const int64_t rows = chunk_rows(n, v, chunk_bytes, c10::elementSize(ct));
   auto buffer = torch::empty({rows, v}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "policy_loss_cpu", [&] {
     const scalar_t it = static_cast<scalar_t>(inv_temp);
+    const int64_t* t = tgt.data_ptr<int64_t>();
+    const scalar_t* cf = c_c.data_ptr<scalar_t>();
+    const scalar_t* ecf = with_entropy_grad ? e_c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* lp = logp.data_ptr<scalar_t>();
+    scalar_t* ls = lse.data_ptr<scalar_t>();
+    scalar_t* en = entropy.data_ptr<scalar_t>();
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
       const int64_t c = std::min(rows, n - r0);
       auto logits = buffer.narrow(0, 0, c);
       const auto h_chunk = h_c.narrow(0, r0, c);
-      at::mm_out(logits, h_chunk, w_c.t());
-      scalar_t* z = logits.data_ptr<scalar_t>();
-      const int64_t* t = tgt.data_ptr<int64_t>() + r0;
-      policy_rows<scalar_t>(z, c, v, it, t, c_c.data_ptr<scalar_t>() + r0,
-                            with_entropy_grad ? e_c.data_ptr<scalar_t>() + r0 : nullptr, need_grad,
-                            logp.data_ptr<scalar_t>() + r0, lse.data_ptr<scalar_t>() + r0,
-                            entropy.data_ptr<scalar_t>() + r0);
-      if (!need_grad) continue;
-      if (need_d_hidden) {
-        auto d_hidden_chunk = d_hidden.narrow(0, r0, c);
-        mm_blocked_k(d_hidden_chunk, logits, w_c);
+      // Logits, the row pass and d_hidden of a block of rows need only those rows: one
+      // parallel region for the three.
+      for_row_blocks(c, [&](int64_t a, int64_t b) {
+        auto z = logits.narrow(0, a, b - a);
+        at::mm_out(z, h_chunk.narrow(0, a, b - a), w_t);
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        for (int64_t i = a; i < b; ++i) {
+          const int64_t g = r0 + i;
+          policy_row(zp + (i - a) * v, v, it, t[g], cf[g], ecf ? ecf + g : nullptr, need_grad, lp + g, ls + g,
+                     en + g);
+        }
+        if (need_d_hidden) {
+          auto d_hidden_block = d_hidden.narrow(0, r0 + a, b - a);
+          mm_blocked_k(d_hidden_block, z, w_c);
+        }
+      });
+      // d_weight sums over the chunk's rows: one GEMM over all of them.
+      if (!need_d_weight) continue;
+      if (r0 == 0) {
+        at::mm_out(d_weight, logits.t(), h_chunk);
+      } else {
+        d_weight.addmm_(logits.t(), h_chunk);
       }
-      if (need_d_weight) d_weight.addmm_(logits.t(), h_chunk);
     }
   });
   return {logp, entropy, need_d_hidden ? d_hidden.to(hidden.scalar_type()) : torch::Tensor(),

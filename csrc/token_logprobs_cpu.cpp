@@ -51,25 +51,6 @@ void grad_row(T* row, int64_t v, T inv_temp, int64_t target, T g, T lse, T entro
   }
 }
 
-// One pass per row of a [c, v] logits chunk: log-prob of the target, lse, entropy.
-template <typename T>
-void forward_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, T* logp, T* lse,
-                  T* entropy) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < c; ++i)
-    forward_row(logits + i * v, v, inv_temp, targets[i], logp + i, lse + i, entropy ? entropy + i : nullptr);
-}
-
-// Turns a [c, v] logits chunk into dL/dz in place (token_logprobs' backward).
-template <typename T>
-void backward_rows(T* logits, int64_t c, int64_t v, T inv_temp, const int64_t* targets, const T* lse,
-                   const T* grad_logp, const T* entropy, const T* grad_entropy) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < c; ++i)
-    grad_row(logits + i * v, v, inv_temp, targets[i], grad_logp[i], lse[i], grad_entropy ? entropy[i] : T(0),
-             grad_entropy ? grad_entropy + i : nullptr);
-}
-
 }  // namespace
 
 std::vector<torch::Tensor> token_logprobs_forward_cpu(const torch::Tensor& hidden, const torch::Tensor& weight,
@@ -78,24 +59,36 @@ std::vector<torch::Tensor> token_logprobs_forward_cpu(const torch::Tensor& hidde
   check_inputs(hidden, weight, targets);
   const auto ct = compute_dtype(hidden);
   const int64_t n = hidden.size(0), v = weight.size(0);
-  const auto h_c = hidden.to(ct).contiguous();
-  const auto w_t = weight.to(ct).t();
+  // Detached: the row blocks call ATen from OpenMP threads, outside autograd.
+  const auto h_c = hidden.detach().to(ct).contiguous();
+  const auto w_t = weight.detach().to(ct).t();
   const auto tgt = targets.contiguous();
-  auto opts = hidden.options().dtype(ct);
+  auto opts = hidden.options().dtype(ct).requires_grad(false);
   auto logp = torch::empty({n}, opts), lse = torch::empty({n}, opts);
   auto entropy = torch::zeros({with_entropy ? n : 0}, opts);
   const int64_t rows = chunk_rows(n, v, chunk_bytes, c10::elementSize(ct));
   auto buffer = torch::empty({rows, v}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "token_logprobs_forward_cpu", [&] {
+    const scalar_t it = static_cast<scalar_t>(inv_temp);
+    const int64_t* t = tgt.data_ptr<int64_t>();
+    scalar_t* lp = logp.data_ptr<scalar_t>();
+    scalar_t* ls = lse.data_ptr<scalar_t>();
+    scalar_t* en = with_entropy ? entropy.data_ptr<scalar_t>() : nullptr;
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
       const int64_t c = std::min(rows, n - r0);
       auto logits = buffer.narrow(0, 0, c);
-      at::mm_out(logits, h_c.narrow(0, r0, c), w_t);
-      forward_rows<scalar_t>(logits.data_ptr<scalar_t>(), c, v, static_cast<scalar_t>(inv_temp),
-                             tgt.data_ptr<int64_t>() + r0, logp.data_ptr<scalar_t>() + r0,
-                             lse.data_ptr<scalar_t>() + r0,
-                             with_entropy ? entropy.data_ptr<scalar_t>() + r0 : nullptr);
+      const auto h_chunk = h_c.narrow(0, r0, c);
+      // A block's logits and row pass need only its rows: one parallel region for both.
+      for_row_blocks(c, [&](int64_t a, int64_t b) {
+        auto z = logits.narrow(0, a, b - a);
+        at::mm_out(z, h_chunk.narrow(0, a, b - a), w_t);
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        for (int64_t i = a; i < b; ++i) {
+          const int64_t g = r0 + i;
+          forward_row(zp + (i - a) * v, v, it, t[g], lp + g, ls + g, en ? en + g : nullptr);
+        }
+      });
     }
   });
   return {logp, lse, entropy};
@@ -112,33 +105,52 @@ std::vector<torch::Tensor> token_logprobs_backward_cpu(const torch::Tensor& hidd
   TORCH_CHECK(!with_entropy || (entropy && entropy->defined()), "grad_entropy needs the forward's entropy");
   const auto ct = compute_dtype(hidden);
   const int64_t n = hidden.size(0), v = weight.size(0);
-  const auto h_c = hidden.to(ct).contiguous();
-  const auto w_c = weight.to(ct).contiguous();
+  // Detached: the row blocks call ATen from OpenMP threads, outside autograd.
+  const auto h_c = hidden.detach().to(ct).contiguous();
+  const auto w_c = weight.detach().to(ct).contiguous();
+  const auto w_t = w_c.t();
   const auto tgt = targets.contiguous();
-  const auto lse_c = lse.to(ct).contiguous();
-  const auto g_c = grad_logp.to(ct).contiguous();
-  const auto ent_c = with_entropy ? entropy->to(ct).contiguous() : torch::Tensor();
-  const auto ge_c = with_entropy ? grad_entropy->to(ct).contiguous() : torch::Tensor();
-  auto opts = hidden.options().dtype(ct);
+  const auto lse_c = lse.detach().to(ct).contiguous();
+  const auto g_c = grad_logp.detach().to(ct).contiguous();
+  const auto ent_c = with_entropy ? entropy->detach().to(ct).contiguous() : torch::Tensor();
+  const auto ge_c = with_entropy ? grad_entropy->detach().to(ct).contiguous() : torch::Tensor();
+  auto opts = hidden.options().dtype(ct).requires_grad(false);
   auto d_hidden = torch::empty({n, hidden.size(1)}, opts);
-  auto d_weight = torch::zeros({v, hidden.size(1)}, opts);
+  // Written by the first chunk's GEMM, accumulated into by the others: no zero fill.
+  auto d_weight = n == 0 ? torch::zeros({v, hidden.size(1)}, opts) : torch::empty({v, hidden.size(1)}, opts);
   const int64_t rows = chunk_rows(n, v, chunk_bytes, c10::elementSize(ct));
   auto buffer = torch::empty({rows, v}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "token_logprobs_backward_cpu", [&] {
+    const scalar_t it = static_cast<scalar_t>(inv_temp);
+    const int64_t* t = tgt.data_ptr<int64_t>();
+    const scalar_t* ls = lse_c.data_ptr<scalar_t>();
+    const scalar_t* gl = g_c.data_ptr<scalar_t>();
+    const scalar_t* en = with_entropy ? ent_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ge = with_entropy ? ge_c.data_ptr<scalar_t>() : nullptr;
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
       const int64_t c = std::min(rows, n - r0);
       auto dz = buffer.narrow(0, 0, c);
       const auto h_chunk = h_c.narrow(0, r0, c);
-      at::mm_out(dz, h_chunk, w_c.t());
-      backward_rows<scalar_t>(dz.data_ptr<scalar_t>(), c, v, static_cast<scalar_t>(inv_temp),
-                              tgt.data_ptr<int64_t>() + r0, lse_c.data_ptr<scalar_t>() + r0,
-                              g_c.data_ptr<scalar_t>() + r0,
-                              with_entropy ? ent_c.data_ptr<scalar_t>() + r0 : nullptr,
-                              with_entropy ? ge_c.data_ptr<scalar_t>() + r0 : nullptr);
-      auto d_hidden_chunk = d_hidden.narrow(0, r0, c);
-      mm_blocked_k(d_hidden_chunk, dz, w_c);
-      d_weight.addmm_(dz.t(), h_chunk);
+      // Recomputed logits, dL/dz and d_hidden of a block need only its rows: one
+      // parallel region for the three.
+      for_row_blocks(c, [&](int64_t a, int64_t b) {
+        auto z = dz.narrow(0, a, b - a);
+        at::mm_out(z, h_chunk.narrow(0, a, b - a), w_t);
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        for (int64_t i = a; i < b; ++i) {
+          const int64_t g = r0 + i;
+          grad_row(zp + (i - a) * v, v, it, t[g], gl[g], ls[g], en ? en[g] : scalar_t(0), ge ? ge + g : nullptr);
+        }
+        auto d_hidden_block = d_hidden.narrow(0, r0 + a, b - a);
+        mm_blocked_k(d_hidden_block, z, w_c);
+      });
+      // d_weight sums over the chunk's rows: one GEMM over all of them.
+      if (r0 == 0) {
+        at::mm_out(d_weight, dz.t(), h_chunk);
+      } else {
+        d_weight.addmm_(dz.t(), h_chunk);
+      }
     }
   });
   return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type())};

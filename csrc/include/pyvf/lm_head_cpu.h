@@ -9,7 +9,12 @@
 
 #include <torch/extension.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -170,6 +175,46 @@ inline void mm_blocked_k(torch::Tensor& out, const torch::Tensor& a, const torch
     acc.add_(part);
   }
   out.copy_(acc);
+}
+
+// Fewest rows worth a thread of their own: below this a block's GEMMs are too thin to
+// pay for waking another thread.
+constexpr int64_t kMinRowsPerThread = 16;
+
+// Runs fn(r0, r1) on one contiguous block of the rows [0, c) per thread, all in a single
+// parallel region. Each ATen call outside such a region (a GEMM, a fill, an add) is a
+// parallel region of its own that wakes the team and waits for its slowest thread; a
+// chunk's logits GEMM, row pass and k-blocked d_hidden GEMM took about ten of them, and
+// on a loaded 2-core machine each wait can be a scheduler time slice, which made the
+// fixed per-call cost of small calls. Inside fn, ATen and MKL see the enclosing region
+// and run single-threaded. The worker threads start with autograd's grad mode on, so
+// fn's ATen calls run under a NoGradGuard (their inputs are detached by the callers).
+template <typename F>
+void for_row_blocks(int64_t c, const F& fn) {
+  const int64_t want = std::min<int64_t>(at::get_num_threads(), c / kMinRowsPerThread);
+  const int nt = static_cast<int>(std::max<int64_t>(1, want));
+  if (nt == 1) {
+    fn(int64_t{0}, c);
+    return;
+  }
+  std::exception_ptr error;
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int64_t tid = 0, team = 1;
+#endif
+    const int64_t r0 = c * tid / team, r1 = c * (tid + 1) / team;
+    try {
+      at::NoGradGuard no_grad;
+      if (r1 > r0) fn(r0, r1);
+    } catch (...) {
+#pragma omp critical(pyvf_row_blocks_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 // Rows per chunk so that one [rows, v] buffer of elem-byte values fits in chunk_bytes.
