@@ -6,7 +6,8 @@ table and can write JSON/markdown/PNG. Each suite is one module of this package 
 
     run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]
 
-and optionally `IMPLS` (the implementation names its `impls` filter accepts). This
+and `ABOUT` (one line: its shapes and the FLOP count its TFLOP/s divide by, printed
+with its results), and optionally `IMPLS` (the implementation names its `impls` filter accepts). This
 module holds what the suites share: timing, peak memory, `Record`, the results format
 and `run_suites` (with `add_args` and `main`, the `pyvf bench` command). The pytest-benchmark suites in benchmarks/ import the same implementations,
 so every number compares the same code.
@@ -38,8 +39,9 @@ SUITES: dict[str, str] = {
     "train_step": "pyvf.bench.train_step",
     "rollout": "pyvf.bench.rollout", "forward": "pyvf.bench.forward",
 }
-# What `pyvf bench` without a suite runs (the set it has always run).
-DEFAULT_SUITES: tuple[str, ...] = ("grouped_advantages", "verifree_loss", "token_logprobs", "train_step")
+# What `pyvf bench` without a suite runs: policy_loss, the op the trainer uses, first.
+DEFAULT_SUITES: tuple[str, ...] = ("policy_loss", "token_logprobs", "grouped_advantages", "verifree_loss",
+                                   "train_step")
 
 
 def load_suite(name: str):
@@ -144,6 +146,39 @@ def measure(rec: Record, call: Callable[[], object], device: torch.device, flops
             torch.cuda.empty_cache()
     return rec
 
+def measure_interleaved(cases: list[tuple[Record, Callable[[], object]]], device: torch.device,
+                        flops: float | None = None, repeats: int = 10, warmup: int = 2) -> None:
+    """Like `measure` for several implementations of one case, timed in turns (one call
+    of each per round, median per implementation), so that other work on a shared machine
+    slows them alike instead of whichever ran while it was busiest. An implementation
+    that fails drops out with its status."""
+    live = []
+    for rec, call in cases:
+        try:
+            for _ in range(warmup):
+                call()
+            sync(device)
+            live.append((rec, call, []))
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a result to report
+            rec.status = ("out of memory" if isinstance(e, torch.OutOfMemoryError) else
+                          f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    for _ in range(repeats):
+        for rec, call, times in live:
+            if rec.status != "ok":
+                continue
+            try:
+                start = time.perf_counter()
+                call()
+                sync(device)
+                times.append((time.perf_counter() - start) * 1e3)
+            except Exception as e:  # noqa: BLE001
+                rec.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    for rec, _, times in live:
+        if rec.status == "ok" and times:
+            rec.ms = statistics.median(times)
+            if flops is not None:
+                rec.tflops = flops / (rec.ms * 1e-3) / 1e12
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -235,7 +270,8 @@ def random_packed_batch(n_seq: int, seq_len: int, vocab: int, group_size: int, d
     return pack(seqs).to(device)
 
 
-def write_results(records: list[Record], output: str, device: torch.device, command: str) -> list[str]:
+def write_results(records: list[Record], output: str, device: torch.device, command: str,
+                  notes: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Writes OUTPUT (JSON), OUTPUT.md and, when matplotlib is there, OUTPUT.png."""
     env = environment(device)
     table = format_table(records)
@@ -245,7 +281,7 @@ def write_results(records: list[Record], output: str, device: torch.device, comm
     with open(stem + ".md", "w") as f:
         f.write(f"# pyvf bench: {env['device']}, {env['date']}\n\n"
                 f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. "
-                f"Command: `{command}`\n\n{table}\n")
+                f"Command: `{command}`\n\n" + "".join(f"- {n}\n" for n in notes) + f"\n{table}\n")
     written = [output, stem + ".md"]
     op = next((o for o in ("policy_loss", "token_logprobs") if any(r.op == o for r in records)), None)
     if op:
@@ -275,10 +311,12 @@ def run_suites(device: str | None, sizes: list[int] | None, output: str | None, 
         records += module.run(dev, sizes, own)
     env = environment(dev)
     print(f"\ndevice: {env['device']}  torch {env['torch']}  triton {env['triton']}  date {env['date']}")
+    for module in modules.values():
+        print(f"- {module.ABOUT}")
     print(format_table(records))
     if output:
         command = "pyvf bench" + "".join(f" {s}" for s in (suites or ())) + f" --output {output}"
-        written = write_results(records, output, dev, command)
+        written = write_results(records, output, dev, command, [m.ABOUT for m in modules.values()])
         print(f"bench: wrote {', '.join(written)}")
     return 0
 
@@ -309,7 +347,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_options(parser, BenchOptions)
     parser.add_argument("suites", nargs="*", metavar="SUITE",
                         help=f"suites to run (default: {' '.join(DEFAULT_SUITES)}); one or more of "
-                             f"{', '.join(SUITES)}")
+                             f"{', '.join(SUITES)}; each prints its shapes and FLOP count with its results")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -54,6 +54,10 @@ def forward_backward_fn(model, batch, mode: str):
     return step
 
 
+ABOUT = ("forward: padded vs packed forward+backward of a length-skewed batch (1 x 500 + 63 x 8 tokens) "
+         "against its longest sequence alone; no FLOP count. peak MiB on CUDA only")
+
+
 def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] | None = None,
         skew: tuple[int, int, int, int] = DEFAULT_SKEW) -> list[Record]:
     """`sizes`, when given, replaces the long sequence's length."""

@@ -8,6 +8,10 @@ Each factory in POLICY_LOSS_IMPLS returns fn(hidden, weight, targets, coeffs) ->
 loss, or raises ImportError when the peer is not installed. Liger's fused linear cross
 entropy and QuACK's take no per-token coefficients (their gradient is computed for a
 plain sum), so they run reduction="sum": the same work, minus the coefficients.
+
+On the CPU the peak memory of each implementation is measured in a fresh process per
+implementation (pyvf/bench/memory.py), so the table shows pyvf's O(N + chunk x V)
+next to the full logits' N x V from the same run.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from pyvf.bench import Record, default_dtype, dtype_name, measure
-from pyvf.bench.token_logprobs import default_shapes, lm_head_inputs, logprob_flops
+from pyvf.bench import Record, default_dtype, dtype_name, measure, measure_interleaved
+from pyvf.bench.memory import fill_cpu_memory
+from pyvf.bench.token_logprobs import GPU_SHAPES, lm_head_inputs, logprob_flops
 from pyvf.ops import policy_loss, token_logprobs
 
 
@@ -86,16 +91,50 @@ POLICY_LOSS_IMPLS: dict[str, Callable[[], Callable]] = {
 }
 IMPLS = tuple(POLICY_LOSS_IMPLS)
 
+# The CPU shapes span small calls, where a fixed per-call cost would show, to N = 4096,
+# where the full logits take 500 MiB.
+CPU_SHAPES = [(n, 128, 32000) for n in (64, 256, 1024, 4096)]
+ABOUT = ("policy_loss: forward+backward of sum_t c_t log p(t) from hidden [N, H] and lm_head [V, H]; "
+         "TFLOP/s = 6NHV / time for every implementation. CPU: fp32, H=128, V=32000, N=64..4096; "
+         "GPU: bf16, V=151936, H in {2048, 4096}, N in {4096, 16384, 65536}. "
+         "peak MiB: extra memory of one call (CPU: resident, fresh process per implementation)")
+
+
+def default_shapes(device: torch.device) -> list[tuple[int, int, int]]:
+    return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+
+
+def _case(name, n, h, v, dtype, device):
+    """(call, hidden, weight): one forward+backward of implementation `name`."""
+    fn = POLICY_LOSS_IMPLS[name]()
+    hidden, weight, targets = lm_head_inputs(n, h, v, dtype, device)
+    coeffs = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def call():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, targets, coeffs).backward()
+
+    return call, hidden, weight
+
+
+def memory_call(impl: str, n: int, h: int, v: int, dtype: str, device: str):
+    """The case pyvf/bench/memory.py measures in its fresh process."""
+    call, hidden, weight = _case(impl, n, h, v, getattr(torch, dtype), torch.device(device))
+    return call, [hidden, weight]
+
 
 def bench_policy_loss(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, impls=None,
                       repeats: int = 10, warmup: int = 2,
-                      on_record: Callable[[Record], None] | None = None) -> list[Record]:
+                      on_record: Callable[[Record], None] | None = None, interleave: bool = False) -> list[Record]:
     """One forward+backward Record per implementation; peers that are missing, fail or
     run out of memory are recorded with a status. `on_record` sees each Record as soon
-    as it is measured (the GPU script saves it there, so a timeout keeps it)."""
+    as it is measured (the GPU script saves it there, so a timeout keeps it).
+    `interleave` times the implementations in turns, one call each per round, so that
+    other work on a busy machine slows them alike (no peak memory then: on the CPU it
+    is measured in fresh processes, see run)."""
     hidden, weight, targets = lm_head_inputs(n, h, v, dtype, device)
     coeffs = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)
-    records = []
+    records, calls = [], {}
     for name in impls or POLICY_LOSS_IMPLS:
         rec = Record("policy_loss", name, "fwdbwd", n, h, v, dtype_name(dtype), None, None, None)
         try:
@@ -109,20 +148,41 @@ def bench_policy_loss(n: int, h: int, v: int, dtype: torch.dtype, device: torch.
                 hidden.grad = weight.grad = None
                 fn(hidden, weight, targets, coeffs).backward()
 
-            measure(rec, call, device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats, warmup=warmup)
-            hidden.grad = weight.grad = None
+            if interleave:
+                calls[name] = (rec, call)
+            else:
+                measure(rec, call, device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats, warmup=warmup)
+                hidden.grad = weight.grad = None
         records.append(rec)
-        if on_record is not None:
+        if on_record is not None and not interleave:
             on_record(rec)
+    if interleave:
+        measure_interleaved(list(calls.values()), device, logprob_flops(n, h, v, "fwdbwd"), repeats=repeats,
+                            warmup=warmup)
+        hidden.grad = weight.grad = None
+        if on_record is not None:
+            for rec in records:
+                on_record(rec)
     return records
+
+
+def cpu_repeats(n: int) -> int:
+    """Timed calls per implementation on the CPU: more for the small, noisier calls,
+    within a few minutes for the suite on 2 cores."""
+    return 15 if n <= 256 else 9 if n <= 1024 else 5
 
 
 def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]:
     records = []
-    for n, h, v in default_shapes(device):
-        if sizes is not None and n > max(sizes):
-            continue
+    shapes = [s for s in default_shapes(device) if sizes is None or s[0] <= max(sizes)]
+    for n, h, v in shapes:
         print(f"bench: policy_loss n={n} h={h} v={v}", flush=True)
-        records += bench_policy_loss(n, h, v, default_dtype(device), device, impls=impls,
-                                     repeats=10 if device.type == "cuda" else 3)
+        if device.type == "cuda":
+            records += bench_policy_loss(n, h, v, default_dtype(device), device, impls=impls, repeats=10)
+        else:
+            records += bench_policy_loss(n, h, v, default_dtype(device), device, impls=impls,
+                                         repeats=cpu_repeats(n), interleave=True)
+    if device.type == "cpu":
+        fill_cpu_memory(records, __name__, lambda r: [r.n, r.h, r.v, r.dtype, "cpu"])
     return records
+

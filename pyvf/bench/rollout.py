@@ -83,6 +83,10 @@ def _count(out) -> int:
     return total
 
 
+ABOUT = ("rollout: sampled tokens/s of per-prompt HF generate, batched HF and vLLM (when importable), 16 "
+         "prompts x 8 samples x 64 tokens of the shipped model on the CPU; no FLOP count")
+
+
 def run(device: torch.device, sizes: list[int] | None = None, impls: list[str] | None = None, *,
         group_size: int = 8, max_new_tokens: int | None = None, repeats: int = 2) -> list[Record]:
     """`sizes`: prompts per step (default 16). Each engine samples the same prompts with

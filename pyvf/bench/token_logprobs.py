@@ -121,6 +121,18 @@ def bench_logprobs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.dev
     return records
 
 
+def memory_call(impl: str, n: int, h: int, v: int, dtype: str, device: str, pass_: str):
+    """The case pyvf/bench/memory.py measures in its fresh process."""
+    dev = torch.device(device)
+    hidden, weight, targets = lm_head_inputs(n, h, v, getattr(torch, dtype), dev)
+    return _logprob_call(LOGPROB_IMPLS[impl](), hidden, weight, targets, pass_), [hidden, weight]
+
+
+ABOUT = ("token_logprobs: log p(target) [N] from hidden [N, H] and lm_head [V, H], forward (fwd) and "
+         "forward+backward of their sum (fwdbwd); TFLOP/s = 2NHV (fwd) or 6NHV (fwdbwd) / time. CPU: fp32, "
+         "H=128, V=32000, N in {256, 1024}; GPU: bf16, V=151936, H in {2048, 4096}, N in {4096, 16384, 65536}. "
+         "peak MiB: extra memory of one call (CPU: resident, fresh process per implementation)")
+
 GPU_SHAPES = [(n, h, 151936) for h in (2048, 4096) for n in (4096, 16384, 65536)]
 CPU_SHAPES = [(256, 128, 32000), (1024, 128, 32000)]
 
@@ -136,4 +148,8 @@ def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) 
             continue
         print(f"bench: token_logprobs n={n} h={h} v={v}", flush=True)
         records += bench_logprobs(n, h, v, default_dtype(device), device, impls=impls)
+    if device.type == "cpu":
+        from pyvf.bench.memory import fill_cpu_memory
+
+        fill_cpu_memory(records, __name__, lambda r: [r.n, r.h, r.v, r.dtype, "cpu", r.pass_])
     return records

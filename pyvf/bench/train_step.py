@@ -193,6 +193,12 @@ def longest_trainable(shape: str, impl: str, device: torch.device, dtype: torch.
     return search_longest(model, impl, device, n_seq=n_seq, start=start, limit=limit)["longest"]
 
 
+ABOUT = ("train_step: one Trainer.step (splice, packed forward, lm_head pass, backward, AdamW) on replayed "
+         "completions, per lm_head pass (pyvf = policy_loss, pyvf-autograd, full-logits); n = tokens per step. "
+         "CPU: a tiny Qwen3 shape (H=64, V=32000, 8 x 128 tokens) and the shipped model (64 x 40); GPU: "
+         "Qwen3-0.6B and 1.7B shapes, V=151936, 8 x 2048. No FLOP count: tokens/s")
+
+
 def default_cases(device: torch.device) -> list[tuple[str, int, int]]:
     if device.type == "cuda":
         return [("qwen3-0.6b", 8, 2048), ("qwen3-1.7b", 8, 2048)]

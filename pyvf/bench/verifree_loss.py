@@ -20,6 +20,10 @@ def bench_verifree_loss(n_seq: int, seq_len: int, device: torch.device) -> list[
                    time_ms(call, device), None, peak_memory_bytes(call, device))]
 
 
+ABOUT = ("verifree_loss: forward+backward on a packed batch of 256 sequences x 512 tokens (N = 131072 "
+         "log-probs, groups of 8); no FLOP count (a few flops per token). peak MiB on CUDA only")
+
+
 def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]:
     print("bench: verifree_loss", flush=True)
     return bench_verifree_loss(256, 512, device)

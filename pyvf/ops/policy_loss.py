@@ -91,6 +91,11 @@ class PolicyLoss(torch.autograd.Function):
                                "computed in forward and handed out once (call policy_loss again)")
         d_hidden, d_weight = ctx.grads
         ctx.grads = None
+        # A loss backpropagated on its own arrives with gradient 1, and scaling by it
+        # would be a pass over a [V, H] gradient for nothing. Read on the CPU only, where
+        # reading the value does not wait for a device.
+        if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and bool(grad_loss == 1):
+            return d_hidden, d_weight, None, None, None, None, None, None, None
         if d_hidden is not None:
             d_hidden.mul_(grad_loss)
         if d_weight is not None:
