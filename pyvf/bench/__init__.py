@@ -146,6 +146,7 @@ def measure(rec: Record, call: Callable[[], object], device: torch.device, flops
             torch.cuda.empty_cache()
     return rec
 
+
 def measure_interleaved(cases: list[tuple[Record, Callable[[], object]]], device: torch.device,
                         flops: float | None = None, repeats: int = 10, warmup: int = 2) -> None:
     """Like `measure` for several implementations of one case, timed in turns (one call

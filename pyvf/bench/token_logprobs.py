@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from pyvf.bench import Record, default_dtype, dtype_name, measure
+from pyvf.bench.memory import fill_cpu_memory
 from pyvf.ops import token_logprobs
 
 
@@ -149,7 +150,5 @@ def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) 
         print(f"bench: token_logprobs n={n} h={h} v={v}", flush=True)
         records += bench_logprobs(n, h, v, default_dtype(device), device, impls=impls)
     if device.type == "cpu":
-        from pyvf.bench.memory import fill_cpu_memory
-
         fill_cpu_memory(records, __name__, lambda r: [r.n, r.h, r.v, r.dtype, "cpu", r.pass_])
     return records
