@@ -19,6 +19,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -276,6 +277,7 @@ def write_results(records: list[Record], output: str, device: torch.device, comm
     """Writes OUTPUT (JSON), OUTPUT.md and, when matplotlib is there, OUTPUT.png."""
     env = environment(device)
     table = format_table(records)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump({**env, "command": command, "results": [r.to_json() for r in records]}, f, indent=2)
     stem = output.rsplit(".", 1)[0]
