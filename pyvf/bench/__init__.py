@@ -38,7 +38,7 @@ SUITES: dict[str, str] = {
     "token_logprobs": "pyvf.bench.token_logprobs",
     "policy_loss": "pyvf.bench.policy_loss",
     "train_step": "pyvf.bench.train_step",
-    "rollout": "pyvf.bench.rollout", "forward": "pyvf.bench.forward",
+    "rollout": "pyvf.bench.rollout", "forward": "pyvf.bench.forward", "activations": "pyvf.bench.activations",
 }
 # What `pyvf bench` without a suite runs: policy_loss, the op the trainer uses, first.
 DEFAULT_SUITES: tuple[str, ...] = ("policy_loss", "token_logprobs", "grouped_advantages", "verifree_loss",
