@@ -94,32 +94,29 @@ def check(config) -> None:
             raise ConfigError(f"{name} must be <= {hi}, got {value}")
 
 
-def describe(f: dataclasses.Field, default=dataclasses.MISSING) -> str:
+def describe(f: dataclasses.Field) -> str:
     """A key's explanation and default, as --help prints it."""
-    default = f.default if default is dataclasses.MISSING else default
-    shown = "none" if default is None else ('""' if default == "" else default)
+    shown = "none" if f.default is None else ('""' if f.default == "" else f.default)
     return f"{f.metadata['help']} (default: {shown})"
 
 
-def add_option(parser, cls, name: str, *, given_only: bool = False, default=dataclasses.MISSING,
-               default_text: str | None = None) -> None:
+def add_option(parser, cls, name: str, *, given_only: bool = False, default_text: str | None = None) -> None:
     """The --key option of field `name` of `cls` (see `add_options`); `default_text`
     replaces the default shown in the help."""
     f = keys(cls)[name]
-    default = f.default if default is dataclasses.MISSING else default
-    text = describe(f, default) if default_text is None else f"{f.metadata['help']} (default: {default_text})"
+    text = describe(f) if default_text is None else f"{f.metadata['help']} (default: {default_text})"
     parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper(),
                         type=lambda value: _parse(cls, name, value),
-                        default=argparse.SUPPRESS if given_only else default, help=text)
+                        default=argparse.SUPPRESS if given_only else f.default, help=text)
 
 
-def add_options(parser, cls, *, given_only: bool = False, defaults: dict | None = None) -> None:
+def add_options(parser, cls, *, given_only: bool = False) -> None:
     """One --key option per key of `cls` on `parser` (or an argument group). Values are
     coerced to the field's type (`coerce`). `given_only`: keys not on the command line
     are left out of the parsed namespace (for configs merged from a file and an earlier
-    run). `defaults` overrides the defaults shown and used."""
+    run)."""
     for name in keys(cls):
-        add_option(parser, cls, name, given_only=given_only, default=(defaults or {}).get(name, dataclasses.MISSING))
+        add_option(parser, cls, name, given_only=given_only)
 
 
 def _parse(cls, name: str, text: str):
@@ -130,8 +127,12 @@ def _parse(cls, name: str, text: str):
 
 
 def from_args(cls, args: argparse.Namespace, **extra):
-    """An instance of `cls` from the parsed options of `add_options`."""
-    return cls(**{name: getattr(args, name) for name in keys(cls) if hasattr(args, name)}, **extra)
+    """An instance of `cls` from the parsed options of `add_options`, its values checked
+    against their allowed ranges (`check`)."""
+    config = cls(**{name: getattr(args, name) for name in keys(cls) if hasattr(args, name)}, **extra)
+    check(config)
+    return config
 
 
-__all__ = ["ConfigError", "add_option", "add_options", "check", "coerce", "describe", "from_args", "is_optional", "keys", "option"]
+__all__ = ["ConfigError", "add_option", "add_options", "check", "coerce", "describe", "from_args", "is_optional",
+           "keys", "option"]

@@ -17,7 +17,7 @@ import yaml
 
 from pyvf.objectives import get_objective, objective_names
 from pyvf.objectives.base import ObjectiveConfig
-from pyvf.options import ConfigError, check, coerce, describe, is_optional, keys, option
+from pyvf.options import ConfigError, check, coerce, is_optional, keys, option
 from pyvf.runtime.policy import LM_HEAD_PASSES
 from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
 
@@ -227,17 +227,5 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def help_text() -> str:
-    """Every key with its explanation and default: the common keys, then each built-in
-    objective's (the options of `pyvf train --help`)."""
-    def lines(fields: dict) -> list[str]:
-        return [f"  --{name.replace('_', '-'):<28} {describe(f)}" for name, f in fields.items()]
-
-    out = ["common keys:"] + lines(keys(TrainConfig))
-    for name in objective_names():
-        out += ["", f"objective {name} (--objective {name}):"] + lines(objective_keys(name))
-    return "\n".join(out)
-
-
-__all__ = ["ConfigError", "TrainConfig", "from_dict", "help_text", "load_file", "objective_keys", "owners",
+__all__ = ["ConfigError", "TrainConfig", "from_dict", "load_file", "objective_keys", "owners",
            "parse_overrides", "saved_values"]
