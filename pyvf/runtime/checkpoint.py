@@ -1,8 +1,11 @@
-"""Checkpoints: model weights (safetensors), optimizer state, RNG states, data position,
-config and the objective's own state (RLPR's filter and score-A cache, NOVER's proxy).
-Written into a staging directory, fsynced and renamed into place, so a crash never leaves
-a half-written checkpoint; `latest` names the newest complete one, and older ones are
-removed only after it is complete."""
+"""Checkpoints: model weights and optimizer state (torch.distributed.checkpoint, DCP, in
+`dcp/`), RNG states, data position, config and the objective's own state (RLPR's filter and
+score-A cache, NOVER's proxy). Every rank writes its own shards of the model and optimizer
+into `dcp/` (nothing is gathered on one rank), keyed by parameter name, so a checkpoint
+resumes on any number of processes. Written into a staging directory, fsynced and renamed
+into place, so a crash never leaves a half-written checkpoint; `latest` names the newest
+complete one, and older ones are removed only after it is complete. Checkpoints written
+before DCP (model.safetensors, optimizer.pt or optimizer-rank{r}.pt) still load."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,8 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+DCP = "dcp"                    # the sharded model and optimizer state, inside a checkpoint
+MODEL_PREFIX = "model.model."  # DCP key of a weight: the "model" entry, the policy's `model`, the HF name
 
 
 @dataclass
@@ -46,27 +53,57 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
+@contextmanager
+def _single_process_is_intended():
+    """DCP warns on every save and load without a process group; one process without
+    one is intended here (a single-process run, `--model CHECKPOINT`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
 def staging_dir(directory: Path, step: int) -> Path:
     """Where a checkpoint is written before it is renamed into place; the ranks of a
-    sharded run each add their optimizer shard here first."""
+    run each write their shards into its dcp/ first."""
     return Path(directory) / "checkpoints" / f".tmp-step-{step:06d}"
 
 
-def save(directory: Path, *, model, model_state: dict, optimizer_state: dict | None, state: TrainerState,
-         tokenizer=None, objective_state: dict | None = None, keep: int = 0) -> Path:
-    """Writes checkpoints/step-NNNNNN under `directory` atomically; returns its path.
-    optimizer_state None means the ranks already staged their shards. `keep` > 0 then
-    removes all but the newest `keep`. The checkpoint is also a Hugging Face model
-    directory (config.json, model.safetensors, tokenizer), usable as `--model`."""
+def save_shards(directory: Path, step: int, policy: torch.nn.Module, optimizer, *, use_async: bool = False):
+    """Every rank: writes its shards of the policy and optimizer state into the staging
+    directory's dcp/ (collective when a process group exists). With `use_async` the
+    state is copied to memory and written by a background thread: returns the future
+    to wait on before the checkpoint is completed, else None."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    target = staging_dir(directory, step) / DCP
+    target.mkdir(parents=True, exist_ok=True)
+    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optim": optimizer_state}
+    alone = not torch.distributed.is_initialized()  # one process without a group: DCP's no_dist
+    with _single_process_is_intended():
+        if use_async:
+            return dcp.async_save(state, checkpoint_id=str(target), no_dist=alone)
+        dcp.save(state, checkpoint_id=str(target), no_dist=alone)
+    return None
+
+
+def save(directory: Path, *, model, state: TrainerState, tokenizer=None, objective_state: dict | None = None,
+         keep: int = 0) -> Path:
+    """Rank 0, once every rank's `save_shards` is complete: adds the small files and
+    renames checkpoints/.tmp-step-NNNNNN to step-NNNNNN atomically; returns its path.
+    `keep` > 0 then removes all but the newest `keep`. With its config.json and tokenizer
+    the checkpoint is also usable as `--model` (see load_model_tensors)."""
     root = Path(directory) / "checkpoints"
     final = root / f"step-{state.step:06d}"
     tmp = staging_dir(directory, state.step)
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp), state_dict=model_state, safe_serialization=True)
+    if not (tmp / DCP / ".metadata").is_file():
+        raise ValueError(f"{tmp}: no complete {DCP}/ (every rank calls save_shards first)")
+    model.config.save_pretrained(str(tmp))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(objective_state or {}, tmp / "objective.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(
@@ -141,17 +178,62 @@ def saved_config(path: str | Path) -> dict:
     return json.loads((resolve(path) / "trainer_state.json").read_text())["config"]
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds DCP shards (else it is a legacy one)."""
+    return (Path(path) / DCP / ".metadata").is_file()
+
+
+def load_model_tensors(path: str | Path) -> dict:
+    """The full model weights of a checkpoint (HF names, CPU tensors as saved), read by
+    this process alone: no process group is needed, and none is used if one exists (a
+    caller on one rank only must not wait for the others)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not is_sharded(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    reader = FileSystemReader(str(path / DCP))
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+               if k.startswith(MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
+    if not tensors:
+        raise ValueError(f"{path / DCP}: no model weights (no key starts with {MODEL_PREFIX!r})")
+    with _single_process_is_intended():
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}
+
+
+def load_optimizer_shards(path: str | Path, policy: torch.nn.Module, optimizer) -> None:
+    """Every rank: this rank's part of the optimizer state of a DCP checkpoint, whatever
+    the number of processes that wrote it (collective when a process group exists)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    # AdamW creates its state at the first step; get_optimizer_state_dict makes it with a
+    # zero-gradient step at lr 0 (parameters unchanged), so DCP has tensors to load into.
+    state = {"optim": get_optimizer_state_dict(policy, optimizer)}
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(Path(path) / DCP), no_dist=not torch.distributed.is_initialized())
+    set_optimizer_state_dict(policy, optimizer, state["optim"])
+
+
 def load(path: str | Path, *, rank: int | None = None):
     """(model tensors, optimizer state, TrainerState, objective state) from a checkpoint;
-    restores RNG states. With `rank`, the optimizer state is that rank's shard."""
-    from safetensors.torch import load_file
-
+    restores RNG states. A DCP checkpoint gives None for the model and optimizer (the
+    trainer loads them with load_model_tensors and load_optimizer_shards); a legacy one
+    gives its tensors, and with `rank` that rank's optimizer shard."""
     path = resolve(path)
-    tensors = load_file(str(path / "model.safetensors"))
-    optimizer_file = path / ("optimizer.pt" if rank is None else f"optimizer-rank{rank}.pt")
-    if not optimizer_file.is_file():
-        raise ValueError(f"{path} has no {optimizer_file.name}: resume with the number of processes that wrote it")
-    optimizer_state = torch.load(optimizer_file, weights_only=True)
+    tensors = optimizer_state = None
+    if not is_sharded(path):
+        tensors = load_model_tensors(path)
+        optimizer_file = path / ("optimizer.pt" if rank is None else f"optimizer-rank{rank}.pt")
+        if not optimizer_file.is_file():
+            raise ValueError(f"{path} has no {optimizer_file.name}: resume with the number of processes that wrote it")
+        optimizer_state = torch.load(optimizer_file, weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
     meta = json.loads((path / "trainer_state.json").read_text())
     objective_file = path / "objective.pt"

@@ -113,19 +113,9 @@ def full_model_state(policy: torch.nn.Module, sharded: bool) -> dict:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
-def local_optimizer_state(optimizer) -> dict:
-    """This rank's optimizer state with its DTensor shards as plain local tensors."""
-    from torch.distributed.tensor import DTensor
-
-    sd = optimizer.state_dict()
-    sd["state"] = {pid: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
-                   for pid, st in sd["state"].items()}
-    return sd
-
-
 def load_optimizer_state(optimizer, optimizer_state: dict) -> None:
-    """Loads what `optimizer.state_dict()` (one process) or `local_optimizer_state`
-    (this rank's shard) wrote, rebuilding the DTensor shards of sharded parameters."""
+    """Loads a legacy checkpoint's optimizer.pt (one process) or optimizer-rank{r}.pt
+    (this rank's shard, plain local tensors), rebuilding the DTensor shards of sharded parameters."""
     from torch.distributed.tensor import DTensor
 
     params = [p for group in optimizer.param_groups for p in group["params"]]

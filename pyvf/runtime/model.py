@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pyvf.packing import PackedBatch, Sequence, pack
+from pyvf.runtime import checkpoint
 
 log = logging.getLogger("pyvf")
 
@@ -50,12 +51,28 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=False, local_files_only=True)
+    if checkpoint.is_sharded(path):
+        model = _from_sharded_checkpoint(path, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _from_sharded_checkpoint(path: Path, dtype: torch.dtype):
+    """A pyvf checkpoint's model: built from its config.json, its weights read from the
+    DCP shards by this process alone (no process group needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    load_weights(model, checkpoint.load_model_tensors(path))
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    return model.to(dtype).eval()
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -276,7 +276,9 @@ class Trainer:
         if resume:
             model_state, optimizer_state, state, objective_state = checkpoint.load(resume,
                                                                                    rank=rank if sharded else None)
-            load_weights(model, model_state)
+            # Full weights on every rank before sharding: the engine starts from them.
+            load_weights(model, model_state if model_state is not None
+                         else checkpoint.load_model_tensors(checkpoint.resolve(resume)))
             state.config = cfg.to_dict()
             objective.load_state_dict(objective_state)
             if rank == 0:
@@ -290,8 +292,10 @@ class Trainer:
         objective.after_shard(sharded)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
-        if optimizer_state is not None:
+        if optimizer_state is not None:  # a checkpoint written before DCP
             distributed.load_optimizer_state(optimizer, optimizer_state)
+        elif resume:
+            checkpoint.load_optimizer_shards(checkpoint.resolve(resume), policy, optimizer)
         if sharded:
             # FSDP2 picks its root at the first forward: make it the policy, before
             # generation runs the decoder layers on their own.
@@ -542,19 +546,14 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
 
 
 def _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank, keep: int = 0) -> None:
-    model_state = distributed.full_model_state(policy, sharded)
+    """A checkpoint of this step: every rank writes its shards of the policy and optimizer
+    (DCP, nothing gathered), then rank 0 adds the small files and renames it into place."""
+    started = time.perf_counter()
     objective_state = objective.state_dict()  # every rank: it may gather shards
-    optimizer_state = optimizer.state_dict()
-    if sharded:
-        # Every rank stages its optimizer shard; rank 0 then completes and renames.
-        stage = checkpoint.staging_dir(out_dir, state.step)
-        stage.mkdir(parents=True, exist_ok=True)
-        torch.save(distributed.local_optimizer_state(optimizer), stage / f"optimizer-rank{rank}.pt")
-        distributed.barrier()
-        optimizer_state = None
+    checkpoint.save_shards(out_dir, state.step, policy, optimizer)
     if rank == 0:
-        path = checkpoint.save(out_dir, model=policy.model, model_state=model_state, optimizer_state=optimizer_state,
-                               state=state, tokenizer=tokenizer, objective_state=objective_state, keep=keep)
-        log.info("checkpoint: %s", path)
+        path = checkpoint.save(out_dir, model=policy.model, state=state, tokenizer=tokenizer,
+                               objective_state=objective_state, keep=keep)
+        log.info("checkpoint: %s (training stalled %.3f s)", path, time.perf_counter() - started)
     if sharded:
         distributed.barrier()

@@ -17,7 +17,7 @@ FAST = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "40"
 
 
 def weights(run: Path) -> dict:
-    return load_file(str(checkpoint.resolve(run) / "model.safetensors"))
+    return checkpoint.load_model_tensors(checkpoint.resolve(run))
 
 
 def test_bf16_moves_the_fp32_masters_as_fp32_does(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pyvf.cli import main as cli
+from pyvf.runtime import checkpoint
 
 BUILTIN = "builtin"
 FAST = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "40", "--progress", "false",
@@ -47,7 +48,7 @@ def test_train_with_a_model_directory(tiny_model_dir, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     ckpt = out / "checkpoints" / "step-000002"
-    assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert checkpoint.is_sharded(ckpt) and (ckpt / "config.json").is_file()
     assert (out / "checkpoints" / "latest").read_text() == "step-000002"
     assert not list((out / "checkpoints").glob(".tmp*"))
     # A checkpoint is itself a model directory.
@@ -207,9 +208,6 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path):
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_with_finite_weights_saved(tmp_path, capsys):
-    from safetensors.torch import load_file
-
-    from pyvf.runtime import checkpoint
     from pyvf.train import trainer as trainer_mod
 
     build = trainer_mod.Trainer.build
@@ -230,7 +228,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_finite_weights_saved(tmp_pat
     assert [r["skipped_nonfinite"] for r in metrics(tmp_path)] == [0, 1, 1, 1]
     latest = checkpoint.resolve(tmp_path)
     assert latest.name == "step-000003"
-    assert all(torch.isfinite(t).all() for t in load_file(str(latest / "model.safetensors")).values())
+    assert all(torch.isfinite(t).all() for t in checkpoint.load_model_tensors(latest).values())
 
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from pyvf.runtime import checkpoint
 from pyvf.train.config import ConfigError
 from pyvf.workflows import selfplay as selfplay_mod
 from pyvf.workflows.selfplay import SelfPlayConfig, selfplay
@@ -17,7 +17,7 @@ TINY = dict(challenger_steps=2, solver_steps=2, questions=8, solver_samples=3, p
 
 
 def weights(path):
-    return load_file(str(path) + "/model.safetensors")
+    return checkpoint.load_model_tensors(path)
 
 
 def test_selfplay_resumes_exactly(tmp_path, monkeypatch):
