@@ -68,11 +68,13 @@ def staging_dir(directory: Path, step: int) -> Path:
     return Path(directory) / "checkpoints" / f".tmp-step-{step:06d}"
 
 
-def save_shards(directory: Path, step: int, policy: torch.nn.Module, optimizer, *, use_async: bool = False):
+def save_shards(directory: Path, step: int, policy: torch.nn.Module, optimizer, *, use_async: bool = False,
+                async_group=None):
     """Every rank: writes its shards of the policy and optimizer state into the staging
-    directory's dcp/ (collective when a process group exists). With `use_async` the
-    state is copied to memory and written by a background thread: returns the future
-    to wait on before the checkpoint is completed, else None."""
+    directory's dcp/ (collective when a process group exists). With `use_async` the state
+    is copied to memory and written by a background thread, whose collectives go over
+    `async_group` (a group of their own, so they never meet training's): returns the
+    future to wait on before `complete`, else None."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -83,31 +85,38 @@ def save_shards(directory: Path, step: int, policy: torch.nn.Module, optimizer, 
     alone = not torch.distributed.is_initialized()  # one process without a group: DCP's no_dist
     with _single_process_is_intended():
         if use_async:
-            return dcp.async_save(state, checkpoint_id=str(target), no_dist=alone)
+            return dcp.async_save(state, checkpoint_id=str(target), process_group=async_group, no_dist=alone)
         dcp.save(state, checkpoint_id=str(target), no_dist=alone)
     return None
 
 
-def save(directory: Path, *, model, state: TrainerState, tokenizer=None, objective_state: dict | None = None,
-         keep: int = 0) -> Path:
-    """Rank 0, once every rank's `save_shards` is complete: adds the small files and
-    renames checkpoints/.tmp-step-NNNNNN to step-NNNNNN atomically; returns its path.
-    `keep` > 0 then removes all but the newest `keep`. With its config.json and tokenizer
-    the checkpoint is also usable as `--model` (see load_model_tensors)."""
-    root = Path(directory) / "checkpoints"
-    final = root / f"step-{state.step:06d}"
+def stage_state(directory: Path, *, state: TrainerState, objective_state: dict | None = None) -> None:
+    """Rank 0, when the shards are saved: the RNG states, the objective's state and the
+    data position of this moment (an async save completes later, after training moved on)."""
     tmp = staging_dir(directory, state.step)
-    if not (tmp / DCP / ".metadata").is_file():
-        raise ValueError(f"{tmp}: no complete {DCP}/ (every rank calls save_shards first)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(objective_state or {}, tmp / "objective.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
+
+
+def complete(directory: Path, step: int, *, model, tokenizer=None, keep: int = 0) -> Path:
+    """Rank 0, once every rank's shards are written and `stage_state` ran: adds config and
+    tokenizer and renames checkpoints/.tmp-step-NNNNNN to step-NNNNNN atomically; returns
+    its path. `keep` > 0 then removes all but the newest `keep`. With its config.json and
+    tokenizer the checkpoint is also usable as `--model` (see load_model_tensors)."""
+    root = Path(directory) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = staging_dir(directory, step)
+    for needed in (f"{DCP}/.metadata", "trainer_state.json"):
+        if not (tmp / needed).is_file():
+            raise ValueError(f"{tmp}: no {needed} (save_shards on every rank and stage_state come first)")
     model.config.save_pretrained(str(tmp))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    torch.save(_rng_state(), tmp / "rng.pt")
-    torch.save(objective_state or {}, tmp / "objective.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -90,6 +90,8 @@ class TrainConfig:
                                        minimum=0)
     keep_checkpoints: int = option(3, "keep the newest N checkpoints, removing older ones once a new one is "
                                       "complete (0: keep all)", minimum=0)
+    async_checkpoint: bool = option(False, "write the DCP shards in a background thread: training waits only for "
+                                           "the copy to memory (the write completes before the next save)")
     stop_after: int = option(0, "stop (with a checkpoint) after this step, as if interrupted")
     log_every: int = option(1, "log a line every N steps when the progress bar is off")
     progress: bool = option(True, "a progress bar")

@@ -363,8 +363,50 @@ class Trainer:
         return record
 
     def save(self) -> None:
-        _save(self.out_dir, self.policy, self.optimizer, self.state, self.tokenizer, self.objective, self.sharded,
-              self.rank, keep=self.cfg.keep_checkpoints)
+        """A checkpoint of this step: every rank writes its shards of the policy and optimizer
+        (DCP, nothing gathered), rank 0 the RNG, objective and data state of this moment.
+        Sync: completed (renamed into place) here. Async: the shards are copied to memory
+        and written in the background; completed by finish_save (the next save, the end)."""
+        started = time.perf_counter()  # the stall: all the time training waits here
+        self.finish_save()  # one save in flight at a time
+        step = self.state.step
+        objective_state = self.objective.state_dict()  # every rank: it may gather shards
+        future = checkpoint.save_shards(self.out_dir, step, self.policy, self.optimizer,
+                                        use_async=self.cfg.async_checkpoint,
+                                        async_group=self._async_group() if self.cfg.async_checkpoint else None)
+        if self.rank == 0:
+            checkpoint.stage_state(self.out_dir, state=self.state, objective_state=objective_state)
+        self._pending = (step, future)
+        if future is None:
+            self.finish_save()
+        if self.rank == 0:
+            log.info("checkpoint: step %d, training stalled %.3f s (%s)", step, time.perf_counter() - started,
+                     "async" if future is not None else "sync")
+
+    def finish_save(self) -> None:
+        """Completes the save in flight, if any: waits for its shards, then rank 0 renames it
+        into place while the others wait (every rank calls this at the same points)."""
+        step, future = getattr(self, "_pending", None) or (None, None)
+        if step is None:
+            return
+        self._pending = None
+        if future is not None:
+            future.result()  # rank 0's completes after every rank's shards and the metadata
+        distributed.barrier()
+        if self.rank == 0:
+            path = checkpoint.complete(self.out_dir, step, model=self.policy.model, tokenizer=self.tokenizer,
+                                       keep=self.cfg.keep_checkpoints)
+            log.info("checkpoint: %s", path)
+        distributed.barrier()
+
+    def _async_group(self):
+        """A gloo process group for async saves alone (None without a process group): the
+        background thread's collectives must not interleave with training's."""
+        if not hasattr(self, "_checkpoint_group"):
+            import torch.distributed as dist
+
+            self._checkpoint_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        return self._checkpoint_group
 
     def run(self) -> dict:
         """Steps up to cfg.max_steps with progress, checkpoints (every save_every steps or
@@ -388,11 +430,15 @@ class Trainer:
                         last_saved, saved_at = state.step, time.monotonic()
                         if stop:
                             break
+        except NonFiniteError:
+            self.finish_save()  # every rank raises it at the same step: the last good weights
+            raise
         finally:
             if progress is not None:
                 progress.close()
         if state.step != last_saved and state.step > 0:
             self.save()
+        self.finish_save()
         if self.rank == 0:
             if cfg.plot:
                 plot(self.metrics.records(), self.out_dir / "metrics.png", title=f"pyvf {cfg.objective} ({cfg.model})")
@@ -543,17 +589,3 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
         record[f"time_{phase}"] = timer.seconds.get(phase, 0.0)
     record["rollout_time"] = record["time_rollout"]
     return record
-
-
-def _save(out_dir, policy, optimizer, state, tokenizer, objective, sharded, rank, keep: int = 0) -> None:
-    """A checkpoint of this step: every rank writes its shards of the policy and optimizer
-    (DCP, nothing gathered), then rank 0 adds the small files and renames it into place."""
-    started = time.perf_counter()
-    objective_state = objective.state_dict()  # every rank: it may gather shards
-    checkpoint.save_shards(out_dir, state.step, policy, optimizer)
-    if rank == 0:
-        path = checkpoint.save(out_dir, model=policy.model, state=state, tokenizer=tokenizer,
-                               objective_state=objective_state, keep=keep)
-        log.info("checkpoint: %s (training stalled %.3f s)", path, time.perf_counter() - started)
-    if sharded:
-        distributed.barrier()

@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COMMON = ["--model", "builtin", "--seed", "1", "--device", "cpu", "--n-synthetic", "64", "--prompts-per-step", "2",
           "--group-size", "4", "--max-new-tokens", "40", "--lr", "1e-4", "--progress", "false", "--plot", "false"]
 
+ASYNC = ["--async-checkpoint", "true", "--save-every", "1", "--keep-checkpoints", "2"]
+
 
 def _losses(run) -> dict[int, float]:
     with open(os.path.join(run, "metrics.jsonl")) as f:
@@ -34,14 +36,15 @@ def _train(*args, nproc: int) -> None:
 def test_two_then_one_then_two_processes_match_an_uninterrupted_run(tmp_path):
     reference, run = tmp_path / "reference", tmp_path / "run"
     _train(*COMMON, "--max-steps", "6", "--output-dir", str(reference), nproc=2)
-    _train(*COMMON, "--max-steps", "6", "--stop-after", "2", "--output-dir", str(run), nproc=2)
+    # Async saves every step, each written while the next step trains, then sync ones.
+    _train(*COMMON, "--max-steps", "6", "--stop-after", "2", "--output-dir", str(run), *ASYNC, nproc=2)
     ckpt = checkpoint.resolve(run)
     assert ckpt.name == "step-000002" and checkpoint.is_sharded(ckpt)
     assert not (ckpt / "model.safetensors").exists() and not list(ckpt.glob("optimizer*"))
     assert len(list((ckpt / checkpoint.DCP).glob("*.distcp"))) == 2  # one file of shards per rank
-    _train("--resume", str(run), "--stop-after", "4", nproc=1)
+    _train("--resume", str(run), "--stop-after", "4", *ASYNC, nproc=1)
     assert checkpoint.resolve(run).name == "step-000004"
-    _train("--resume", str(run), nproc=2)
+    _train("--resume", str(run), "--async-checkpoint", "false", nproc=2)
     want, got = _losses(reference), _losses(run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
     for step in want:
