@@ -87,7 +87,7 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def load_weights(model: nn.Module, tensors: dict) -> None:
-    """Full weights (a checkpoint's model.safetensors) into an unsharded model; a tied
+    """Full weights (checkpoint.load_model_tensors) into an unsharded model; a tied
     lm_head may be absent from the file."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
