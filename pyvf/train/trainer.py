@@ -236,6 +236,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, **parts):
         self.cfg = cfg
         self.nonfinite_in_row = 0
+        self._pending = None  # (step, future of an async save or None) until finish_save completes it
         self.__dict__.update(parts)
 
     @classmethod
@@ -386,9 +387,9 @@ class Trainer:
     def finish_save(self) -> None:
         """Completes the save in flight, if any: waits for its shards, then rank 0 renames it
         into place while the others wait (every rank calls this at the same points)."""
-        step, future = getattr(self, "_pending", None) or (None, None)
-        if step is None:
+        if self._pending is None:
             return
+        step, future = self._pending
         self._pending = None
         if future is not None:
             future.result()  # rank 0's completes after every rank's shards and the metadata
