@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from pyvf.runtime import checkpoint
 
@@ -32,9 +31,14 @@ def _has_checkpoint(out: Path) -> bool:
 
 
 def _final(out: Path) -> tuple[dict, list[dict]]:
-    weights = load_file(str(checkpoint.resolve(out) / "model.safetensors"))
+    weights = checkpoint.load_model_tensors(checkpoint.resolve(out))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return weights, records
+
+
+def _steps_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -45,19 +49,23 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     out = tmp_path / "killed"
     rng = random.Random(7)
     kills = 0
-    for attempt in range(12):
+    while kills < 4:
+        done = _steps_done(out)
         proc = _train(out, resume=_has_checkpoint(out))
-        if kills < 4:  # the last attempts run to the end
-            time.sleep(rng.uniform(3.0, 9.0))  # model loading takes a few seconds, a step about one
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                kills += 1
-                continue
-        code = proc.wait(timeout=600)
-        assert code == 0, proc.stderr.read()[-2000:]
-        if _has_checkpoint(out) and checkpoint.resolve(out).name == "step-000005":
-            break
+        # Kill once the run logged a step past where it started (the step is done and its
+        # checkpoint being written), a random moment later: during the save or the next step.
+        deadline = time.time() + 300
+        while proc.poll() is None and _steps_done(out) <= done and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            break  # it finished before the kill
+        proc.kill()
+        proc.wait()
+        kills += 1
+    if proc.poll() is None or not (_has_checkpoint(out) and checkpoint.resolve(out).name == "step-000005"):
+        proc = _train(out, resume=_has_checkpoint(out))
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     assert kills >= 2, "the kills all came too late: the test did not interrupt the run"
     (want, want_records), (got, got_records) = _final(reference), _final(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
