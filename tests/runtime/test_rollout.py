@@ -188,3 +188,12 @@ def test_vllm_engine_without_vllm_says_what_to_install(tmp_path):
     with pytest.raises(ImportError, match="pip install vllm") as e:
         VLLMEngine.from_model(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_gumbel_noise_is_finite_at_the_largest_draw(monkeypatch):
+    """The largest 24-bit draw rounds to u = 1 in float32; the noise must stay finite."""
+    import pyvf.runtime.rollout.seeding as seeding
+
+    monkeypatch.setattr(seeding, "splitmix64_tensor", lambda x: torch.full_like(x, -1))  # all bits set
+    noise = seeding.gumbel_noise(torch.zeros(2, dtype=torch.int64), 0, 8)
+    assert torch.isfinite(noise).all() and noise.min() > 10  # the largest draw: a large, finite noise

@@ -69,7 +69,10 @@ def gumbel_noise(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor
     base = splitmix64_tensor(keys + as_int64(step * _GOLDEN))
     vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64) * as_int64(_MIX2)
     bits = splitmix64_tensor(base[:, None] + vocab[None, :])
-    u = (_shr(bits, 40).float() + 0.5) * 2.0 ** -24  # 24 random bits, strictly inside (0, 1)
+    # 24 random bits, inside (0, 1): k + 0.5 rounds to k + 1 in float32 for k >= 2^23, so
+    # the largest k would give u = 1 and an infinite noise (that token always drawn);
+    # the clamp keeps it at the largest float32 below 1.
+    u = ((_shr(bits, 40).float() + 0.5) * 2.0 ** -24).clamp(max=1.0 - 2.0 ** -24)
     return -torch.log(-torch.log(u))
 
 
