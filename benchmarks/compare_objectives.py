@@ -84,8 +84,7 @@ def gradient_noise(objective: str, batches: int) -> float:
         ctx = StepContext(step=1000 + b, policy=policy, temperature=cfg.temperature, device=torch.device("cpu"))
         samples = rollout(cfg, engine, prompts, indices, 0, ctx.step)
         policy.zero_grad(set_to_none=True)
-        accumulate_gradients(cfg, obj, obj.config.loss_agg, policy, samples, obj.score(samples, ctx), ctx,
-                             tokenizer)
+        accumulate_gradients(cfg, obj, obj.config.loss_agg, policy, samples, obj.score(samples, ctx), ctx)
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).double())
     g = torch.stack(grads)
     mean = g.mean(0)

@@ -332,7 +332,7 @@ class Trainer:
         policy.train()
         with timer("forward_backward"):
             sums = accumulate_gradients(cfg, self.objective, self.objective.config.loss_agg, policy, samples, rewards,
-                                        ctx, self.tokenizer)
+                                        ctx)
         with timer("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             # The loss is summed and the norm reduced over ranks, so every rank decides alike.
@@ -483,7 +483,7 @@ def _trained_rows(seq: Sequence) -> int:
 
 
 def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, policy: Policy,
-                         samples: list[Sample], rewards: torch.Tensor | None, ctx: StepContext, tokenizer) -> dict:
+                         samples: list[Sample], rewards: torch.Tensor | None, ctx: StepContext) -> dict:
     """Backward of one step's samples (gradients accumulate in the parameters); returns
     the step's sums for the metrics, over all ranks."""
     device, world = ctx.device, ctx.world

@@ -123,7 +123,7 @@ def test_gradient_is_policy_gradient_plus_k3_kl_to_the_proxy(lm_head_pass):
     samples = make_samples(tok, n_groups=2)
     ctx = context(policy)
     rewards = obj.score(samples, ctx)
-    accumulate_gradients(cfg, obj, "token_mean", policy, samples, rewards, ctx, tok)
+    accumulate_gradients(cfg, obj, "token_mean", policy, samples, rewards, ctx)
     got = grads(policy)
 
     policy.zero_grad(set_to_none=True)

@@ -183,7 +183,7 @@ def test_gradient_is_grpo_plus_both_sft_terms(lm_head_pass):
     samples = pcl_samples(tok, POSTS)
     ctx = context(policy)
     rewards = obj.score(samples, ctx)
-    accumulate_gradients(cfg, obj, "token_mean", policy, samples, rewards, ctx, tok)
+    accumulate_gradients(cfg, obj, "token_mean", policy, samples, rewards, ctx)
     got = grads(policy)
 
     policy.zero_grad(set_to_none=True)

@@ -235,7 +235,7 @@ def test_gradient_is_the_clipped_surrogate_with_entropy_bonus(lm_head_pass):
         k += n
     rewards = torch.tensor([1.0, 0.2, 0.0, 0.7, 0.0, 0.9, 0.3, 0.3], dtype=torch.float64)
     ctx = context(policy)
-    accumulate_gradients(cfg, obj, "token_mean", policy, samples, rewards, ctx, tok)
+    accumulate_gradients(cfg, obj, "token_mean", policy, samples, rewards, ctx)
     got = grads(policy)
 
     policy.zero_grad(set_to_none=True)

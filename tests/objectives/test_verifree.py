@@ -130,7 +130,7 @@ def test_trainer_gradient_equals_verifree_loss(budget, lm_head_pass):
     objective = VeriFree(cfg, tok)
     samples = make_samples(tok)
     ctx = context(policy)
-    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, ctx, tok)
+    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, ctx)
     got = grads(policy)
 
     policy.zero_grad(set_to_none=True)
