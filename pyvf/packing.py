@@ -151,8 +151,9 @@ def unpack(batch: PackedBatch) -> list[Sequence]:
 
 def plan_micro_batches(lengths: Seq[int], groups: Seq[int], token_budget: int) -> list[list[int]]:
     """Splits sequences (given by their lengths and group ids) into micro-batches of at
-    most `token_budget` tokens, never splitting a group: single-pass VeriFree needs
-    every reward of a group before its backward. Returns lists of sequence indices;
+    most `token_budget` tokens, never splitting a group (fused VeriFree needs every
+    reward of a group in its forward; give each sequence its own id to pack sequences
+    freely). Returns lists of sequence indices;
     groups are placed largest first into the first micro-batch with room (first-fit
     decreasing), sequences keep their relative order inside a micro-batch."""
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:

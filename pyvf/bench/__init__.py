@@ -39,6 +39,7 @@ SUITES: dict[str, str] = {
     "policy_loss": "pyvf.bench.policy_loss",
     "train_step": "pyvf.bench.train_step",
     "rollout": "pyvf.bench.rollout", "forward": "pyvf.bench.forward", "activations": "pyvf.bench.activations",
+    "long_group": "pyvf.bench.long_group",
 }
 # What `pyvf bench` without a suite runs: policy_loss, the op the trainer uses, first.
 DEFAULT_SUITES: tuple[str, ...] = ("policy_loss", "token_logprobs", "grouped_advantages", "verifree_loss",

@@ -16,7 +16,7 @@ import torch
 
 from pyvf.assets import load_tokenizer
 from pyvf.bench import Record, default_dtype, dtype_name, peak_memory_bytes, random_packed_batch, time_ms
-from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.model import enable_activation_checkpointing, load_model_and_tokenizer
 from pyvf.runtime.rollout import Completion
 from pyvf.train.config import from_dict
 from pyvf.train.trainer import Trainer
@@ -45,7 +45,7 @@ def _qwen3(shape: str, vocab: int, dtype: torch.dtype, device: torch.device):
     with torch.device(device):
         model = Qwen3ForCausalLM(cfg).to(dtype)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     return model
 
 

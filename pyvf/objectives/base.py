@@ -20,6 +20,7 @@ knows no method by name.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -58,6 +59,7 @@ class Sample:
     group: int                    # the prompt's index within the step (global across ranks and rounds)
     answer_end: int | None = None  # when sampling went on past the answer (PCL): ids[:answer_end] is the answer part
     scored: dict = field(default_factory=dict)  # what the objective's `score` found per sample, for its later calls
+    over_length: bool = False     # cut, or its reward zeroed, by an explicit max_seq_len (counted per step)
 
     @property
     def truncated(self) -> bool:
@@ -142,6 +144,17 @@ class Objective:
     def after_shard(self, sharded: bool) -> None:
         """Called once after the policy is sharded (or not) across processes."""
 
+    @property
+    def length_limit(self) -> int:
+        """The longest training sequence: cfg.max_seq_len, or no limit when it is 0 (the
+        default: a step's sequences are then as long as the step made them)."""
+        return self.cfg.max_seq_len or sys.maxsize
+
+    def continuation_tokens(self) -> int:
+        """The most tokens `continue_rollout` samples after a completion (an engine's
+        longest sequence is prompt + max_new_tokens + this)."""
+        return 0
+
     # -- per step ------------------------------------------------------------------------
     def prompt(self, question: str, template: str) -> tuple[str, str]:
         """(text, template) that `pyvf.chat.render_prompt_ids` renders for one example:
@@ -169,8 +182,9 @@ class Objective:
         """Default: train on each completion as sampled (cut to the length limit)."""
         seqs, owner, prefix = [], [], []
         for i, s in enumerate(samples):
-            room = max(0, self.cfg.max_seq_len - len(s.prompt_ids))
+            room = max(0, self.length_limit - len(s.prompt_ids))
             ids = s.ids[:room]
+            s.over_length |= len(ids) < len(s.ids)
             seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
             owner.append(i)
             prefix.append(len(ids))
@@ -192,6 +206,17 @@ class Objective:
         """Raw per-row coefficients (c [T], e [T] or None) before loss aggregation.
         Default: the policy gradient -A_i on every completion row."""
         return -self.completion_advantages(mb, ctx), None
+
+    def rewards_from_look(self, train: TrainSequences, index: list[int], looked: list[torch.Tensor],
+                          ctx: StepContext) -> None:
+        """The separate reward pass, for objectives whose rewards come from the gradient
+        forward (`score` gives None; the trainer's reward_pass). `looked[j]` holds the
+        current log-probs of the `look` rows of sequence index[j] (float64, CPU, in row
+        order), from a no-grad forward; `index` covers whole groups. Computes those
+        groups' rewards and keeps in `train.data` what `coefficients` needs, so their
+        gradient micro-batches may hold any sequences."""
+        raise NotImplementedError(f"objective {self.name!r} rewards in the gradient forward (its score gives None) "
+                                  f"but has no separate reward pass: use reward_pass fused")
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -178,7 +178,7 @@ class NOVER(Objective):
             add_metric(ctx.metrics, "proxy_perplexity", float(ppl.sum()), len(seqs))
         if self.kl_beta:
             # The proxy is the KL reference: its log-probs of the completions as trained.
-            room = [max(0, cfg.max_seq_len - len(s.prompt_ids)) for s in samples]
+            room = [max(0, self.length_limit - len(s.prompt_ids)) for s in samples]
             completions = [Sequence(s.prompt_ids, s.ids[:r], [], group=s.group) for s, r in zip(samples, room)]
             ref = score_rows(self.proxy, completions, cfg.micro_batch_tokens, temperature=ctx.temperature,
                              device=ctx.device)

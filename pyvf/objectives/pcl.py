@@ -151,13 +151,21 @@ class PCL(Objective):
     advantage_eps = 1e-4           # the official (r - mean) / (std + 1e-4)
     prompt_template = PCL_PROMPT_TEMPLATE
 
+    def continuation_tokens(self) -> int:
+        return self.config.pcl_evaluation_tokens
+
     def continue_rollout(self, samples: list[Sample], engine, ctx: StepContext) -> list[Sample]:
         """Samples on after every completion that a stop string ended (the answer), EOS
         forbidden as the first token, up to EOS or pcl_evaluation_tokens."""
 
         cfg = self.cfg
-        todo = [i for i, s in enumerate(samples)
-                if s.finish == "stop" and cfg.max_seq_len - len(s.prompt_ids) - len(s.ids) > 0]
+        todo = []
+        for i, s in enumerate(samples):
+            if s.finish == "stop":
+                if self.length_limit - len(s.prompt_ids) - len(s.ids) > 0:
+                    todo.append(i)
+                else:
+                    s.over_length = True  # no room for the self-evaluation
         within = index_in_group(samples)
         out = list(samples)
         outputs = engine.generate([samples[i].prompt_ids + samples[i].ids for i in todo], 1,
@@ -184,7 +192,7 @@ class PCL(Objective):
             return verifree_scores(ctx.policy, self.tokenizer, [s.prompt_ids for s in samples], answer_ids,
                                    [s.example.answers for s in samples], [s.example.weights for s in samples],
                                    temperature=ctx.temperature, device=ctx.device, marker=cfg.marker, answer_template=cfg.answer_template,
-                                   max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens)
+                                   max_seq_len=cfg.max_seq_len or None, token_budget=cfg.micro_batch_tokens)
 
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
         return verifier_rewards(texts, [list(s.example.answers) for s in samples])
@@ -219,11 +227,12 @@ class PCL(Objective):
         the answer part weighted by its accuracy), and, when it reached an answer, the
         answer part as context followed by the evaluation written from its true rewards
         and EOS (SFT on those tokens)."""
-        cfg, eos = self.cfg, self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id
         seqs, owner, prefix, answer_rows, kind = [], [], [], [], []
         for i, s in enumerate(samples):
-            room = max(0, cfg.max_seq_len - len(s.prompt_ids))
+            room = max(0, self.length_limit - len(s.prompt_ids))
             ids = s.ids[:room]
+            s.over_length |= len(ids) < len(s.ids)
             answer, _ = self._parts(s)
             seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
             owner.append(i), prefix.append(len(ids))
@@ -234,7 +243,8 @@ class PCL(Objective):
             evaluation = self.tokenizer(pcl_evaluation_text(*s.scored["pcl_truth"]),
                                         add_special_tokens=False)["input_ids"]
             context = s.prompt_ids + answer
-            if len(context) + len(evaluation) + 1 > cfg.max_seq_len:
+            if len(context) + len(evaluation) + 1 > self.length_limit:
+                s.over_length = True
                 continue
             seqs.append(Sequence(context, [], [], group=s.group, post_ids=evaluation + [eos]))
             owner.append(i), prefix.append(0)

@@ -327,7 +327,10 @@ class RLPR(Objective):
             spliced = splice_reference(tok, s.ids, list(s.example.answers), marker=cfg.marker,
                                        answer_template=cfg.answer_template)
             for k, sp in enumerate(spliced):
-                if not sp.found or len(s.prompt_ids) + len(sp.reasoning_ids) + len(sp.answer_ids) > cfg.max_seq_len:
+                if not sp.found:
+                    continue
+                if len(s.prompt_ids) + len(sp.reasoning_ids) + len(sp.answer_ids) > self.length_limit:
+                    s.over_length = True
                     continue  # B = 0 over the length limit, as the official code
                 seqs.append(Sequence(s.prompt_ids, sp.reasoning_ids, sp.answer_ids, group=s.group))
                 spans.append(sp.reference_span)

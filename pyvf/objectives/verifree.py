@@ -11,7 +11,10 @@ completion, or a spliced sequence over the length limit gives R_i = 0.
 Single pass: the rewards need only the answer rows' log-probs, so the trainer's one
 decoder forward gives the hidden states, `look` takes the answer rows first (no grad),
 and `coefficients` hands the fused lm_head pass -A_i on the reasoning rows and
--w_k R_ik on the answer rows.
+-w_k R_ik on the answer rows. That needs a group's sequences in one micro-batch; for a
+group over the budget the trainer first runs a no-grad forward of the answer rows
+(`rewards_from_look`: the separate reward pass, as the official code always does), and
+the coefficients read the rewards kept per sequence.
 """
 
 from __future__ import annotations
@@ -166,13 +169,25 @@ def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu
         first_copy = torch.zeros(n_seq, dtype=torch.bool, device=device).index_fill_(0, first, True)
     seq_reward, rewards, advantages = verifree_rewards(answer_sum, answer_len > 0, index, n_comp, weights,
                                                        groups.to(device)[first], extra_rewards)
-    row_seq = torch.repeat_interleave(torch.arange(n_seq, device=device), cu_seqlens.diff(),
-                                      output_size=roles.numel())
-    reasoning = torch.where(first_copy.to(device), -advantages[index], torch.zeros_like(seq_reward))
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    coeffs = torch.where(roles == ROLE_REASONING, reasoning[row_seq],
-                         torch.where(is_answer, -(weights * seq_reward)[row_seq], zero))
+    coeffs = verifree_row_coefficients(roles, cu_seqlens, advantages[index], seq_reward, weights, first_copy)
     return VerifreeCoefficients(coeffs, rewards, advantages, answer_len[first] > 0, answer_len[first])
+
+
+def verifree_row_coefficients(roles: torch.Tensor, cu_seqlens: torch.Tensor, seq_advantage: torch.Tensor,
+                              seq_reward: torch.Tensor, weights: torch.Tensor, first_copy: torch.Tensor
+                              ) -> torch.Tensor:
+    """[T] float64 coefficients from per-sequence values [B]: -A_i on the reasoning rows of
+    the copy that carries a completion's reasoning, -w_k R_ik on the answer rows, 0
+    elsewhere."""
+    device = roles.device
+    n_seq = cu_seqlens.numel() - 1
+    row_seq = torch.repeat_interleave(torch.arange(n_seq, device=device), cu_seqlens.to(device).diff(),
+                                      output_size=roles.numel())
+    seq_advantage, seq_reward, weights = (t.to(device, torch.float64) for t in (seq_advantage, seq_reward, weights))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    reasoning = torch.where(first_copy.to(device), -seq_advantage, zero)
+    return torch.where(roles == ROLE_REASONING, reasoning[row_seq],
+                       torch.where(roles == ROLE_ANSWER, -(weights * seq_reward)[row_seq], zero))
 
 
 @dataclass
@@ -191,21 +206,24 @@ class VeriFree(Objective):
         (completion, reference); the completion as sampled where it has no answer."""
         cfg = self.cfg
         seqs, owner, prefix, weights, first_copy = [], [], [], [], []
+        limit = self.length_limit
         for i, s in enumerate(samples):
-            room = max(0, cfg.max_seq_len - len(s.prompt_ids))
+            room = max(0, limit - len(s.prompt_ids))
             spliced = splice_reference(self.tokenizer, s.ids, list(s.example.answers), marker=cfg.marker,
                                        answer_template=cfg.answer_template)
             if s.truncated or not spliced[0].found:
                 # Reward 0; the completion as sampled still gets its policy-gradient term.
                 ids = s.ids[:room]
+                s.over_length |= len(ids) < len(s.ids)
                 seqs.append(Sequence(s.prompt_ids, ids, [], group=s.group))
                 owner.append(i), prefix.append(len(ids)), weights.append(1.0), first_copy.append(True)
                 continue
             for k, (sp, w) in enumerate(zip(spliced, s.example.weights)):
                 reasoning = sp.reasoning_ids[:room]
                 answer = sp.answer_ids
-                if len(s.prompt_ids) + len(reasoning) + len(answer) > cfg.max_seq_len:
+                if len(s.prompt_ids) + len(sp.reasoning_ids) + len(answer) > limit:
                     answer = []  # over the length limit: reward 0
+                    s.over_length = True
                 seqs.append(Sequence(s.prompt_ids, reasoning, answer, group=s.group))
                 owner.append(i)
                 prefix.append(min(sp.n_kept, len(reasoning)) if k == 0 else 0)
@@ -213,21 +231,62 @@ class VeriFree(Objective):
                 first_copy.append(k == 0)
         return TrainSequences(seqs, owner, prefix, {"weight": weights, "first_copy": first_copy})
 
-    def look(self, mb: MicroBatch, ctx: StepContext) -> torch.Tensor:
+    def look(self, mb: MicroBatch, ctx: StepContext) -> torch.Tensor | None:
+        if _scored_before(mb):
+            return None  # the separate reward pass has the rewards already
         return mb.batch.roles.to(mb.device) == ROLE_ANSWER
 
-    def coefficients(self, mb: MicroBatch, looked: torch.Tensor, ctx: StepContext):
+    def rewards_from_look(self, train: TrainSequences, index: list[int], looked: list[torch.Tensor],
+                          ctx: StepContext) -> None:
+        """The rewards and advantages of whole groups from their answer rows' log-probs
+        (a no-grad forward), kept per sequence for `coefficients`."""
+        n = len(train.sequences)
+        train.data.setdefault("seq_reward", [None] * n)
+        train.data.setdefault("advantage", [None] * n)
+        if not index:
+            return
+        owner = torch.tensor([train.owner[i] for i in index])
+        completions, inverse = torch.unique(owner, return_inverse=True)
+        first = _first_of_each(inverse, completions.numel())
+        answer_len = torch.tensor([float(lp.numel()) for lp in looked], dtype=torch.float64)
+        seq_reward, rewards, advantages = verifree_rewards(
+            torch.tensor([float(lp.sum()) for lp in looked], dtype=torch.float64), answer_len > 0, inverse,
+            completions.numel(), torch.tensor([train.data["weight"][i] for i in index], dtype=torch.float64),
+            torch.tensor([train.sequences[index[j]].group for j in first.tolist()]),
+            None if ctx.extra_rewards is None else ctx.extra_rewards[completions])
+        for j, i in enumerate(index):
+            train.data["seq_reward"][i] = float(seq_reward[j])
+            train.data["advantage"][i] = float(advantages[inverse[j]])
+        self._add_reward_metrics(ctx, rewards, advantages, answer_len[first])
+
+    def coefficients(self, mb: MicroBatch, looked: torch.Tensor | None, ctx: StepContext):
         batch, device = mb.batch, mb.device
+        weights = torch.tensor(mb.data["weight"], dtype=torch.float64, device=device)
+        first_copy = torch.tensor(mb.data["first_copy"], device=device)
+        if _scored_before(mb):
+            return verifree_row_coefficients(batch.roles.to(device), batch.cu_seqlens, torch.tensor(
+                mb.data["advantage"]), torch.tensor(mb.data["seq_reward"]), weights, first_copy), None
         out = verifree_coefficients(
             looked, batch.roles.to(device), batch.cu_seqlens.to(device), batch.groups.to(device),
-            completion=mb.owner.to(device),
-            weights=torch.tensor(mb.data["weight"], dtype=torch.float64, device=device),
-            first_copy=torch.tensor(mb.data["first_copy"], device=device),
+            completion=mb.owner.to(device), weights=weights, first_copy=first_copy,
             extra_rewards=None if ctx.extra_rewards is None else ctx.extra_rewards[torch.unique(mb.owner)])
-        n = out.rewards.numel()
-        m = ctx.metrics
-        add_metric(m, "reward_mean", out.rewards.sum().item(), n)
-        add_metric(m, "advantage_std", (out.advantages.double() ** 2).sum().item(), n, root=True)
-        add_metric(m, "rewarded_frac", out.found.sum().item(), n)
-        add_metric(m, "answer_len", out.answer_len.sum().item(), n)
+        self._add_reward_metrics(ctx, out.rewards, out.advantages, out.answer_len)
         return out.coeffs, None
+
+    @staticmethod
+    def _add_reward_metrics(ctx: StepContext, rewards: torch.Tensor, advantages: torch.Tensor,
+                            answer_len: torch.Tensor) -> None:
+        n, m = rewards.numel(), ctx.metrics
+        add_metric(m, "reward_mean", rewards.sum().item(), n)
+        add_metric(m, "advantage_std", (advantages.double() ** 2).sum().item(), n, root=True)
+        add_metric(m, "rewarded_frac", (answer_len > 0).sum().item(), n)
+        add_metric(m, "answer_len", answer_len.sum().item(), n)
+
+
+def _scored_before(mb: MicroBatch) -> bool:
+    """Whether the separate reward pass scored this micro-batch's sequences (the trainer
+    never mixes them with sequences rewarded in the gradient forward)."""
+    done = [a is not None for a in mb.data.get("advantage", [None] * len(mb.index))]
+    if any(done) != all(done):
+        raise ValueError("a micro-batch mixes sequences scored by the separate reward pass with others")
+    return all(done) and bool(done)

@@ -12,7 +12,8 @@ log = logging.getLogger("pyvf")
 
 PLOTTED = ("loss", "reward_mean", "marker_frac", "advantage_std", "reasoning_len", "grad_norm", "rollout_logprob_diff")
 # The step profile, drawn together in one panel (seconds per phase).
-PROFILE = ("time_rollout", "time_scoring", "time_forward_backward", "time_optimizer", "time_weight_sync")
+PROFILE = ("time_rollout", "time_scoring", "time_reward_pass", "time_forward_backward", "time_optimizer",
+           "time_weight_sync")
 
 
 class MetricsLog:

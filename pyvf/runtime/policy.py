@@ -2,7 +2,8 @@
 lm_head on the trained rows only, never the model's full logits.
 
 Two calls:
-- `policy(batch, temperature)` -> per-token log-probs (scoring, no coefficients);
+- `policy(batch, temperature, look=None)` -> per-token log-probs (scoring, no
+  coefficients; with a row mask `look`, only those rows go through the lm_head);
 - `policy(batch, temperature, coefficients=fn, look=mask)` -> (loss, logprobs, entropy):
   the objective's no-grad look at the `look` rows, then its coefficients, then the
   lm_head pass. `lm_head_pass="fused"` runs `pyvf.ops.policy_loss` (logits, dz and
@@ -48,6 +49,8 @@ class Policy(nn.Module):
         targets = batch.targets.to(device)
         common = dict(temperature=temperature, ignore_index=batch.ignore_index)
         if coefficients is None:
+            if look is not None:  # only these rows through the lm_head (the others give 0)
+                targets = torch.where(look.to(device), targets, torch.full_like(targets, batch.ignore_index))
             return token_logprobs(hidden, weight, targets, with_entropy=with_entropy, backend=self.backend, **common)
 
         if self.lm_head_pass != "fused":

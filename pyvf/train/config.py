@@ -19,6 +19,8 @@ from pyvf.objectives import get_objective, objective_names
 from pyvf.objectives.base import ObjectiveConfig
 from pyvf.options import ConfigError, check, coerce, is_optional, keys, option
 from pyvf.runtime.policy import LM_HEAD_PASSES
+
+REWARD_PASSES = ("auto", "fused", "separate")
 from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
 
 log = logging.getLogger("pyvf")
@@ -55,7 +57,10 @@ class TrainConfig:
     rollout_logprob_warn: float = option(0.05, "warn when engine and trainer log-probs differ by more (mean abs)")
     marker: str = option(DEFAULT_MARKER, "the text that opens the answer; the reference is spliced after it")
     answer_template: str = option(DEFAULT_ANSWER_TEMPLATE, "how a reference is written after the marker ({ref})")
-    max_seq_len: int = option(512, "prompt + reasoning + answer; longer spliced sequences get reward 0", minimum=1)
+    max_seq_len: int = option(0, "longest training sequence (prompt + reasoning + answer); a longer sample is cut "
+                                 "to it, its reward 0 where the answer no longer fits (logged, over_length_frac). "
+                                 "0: what the step can produce (prompt + max_new_tokens + the answer), so nothing "
+                                 "is cut", minimum=0)
     rubric: str = option("", "a rubric YAML file or built-in name, for selfrubric and --reward self_rubric "
                              "(\"\": story)")
     reward: str = option("", "a verifier spec added to any objective's reward, e.g. \"0.5*majority\"")
@@ -71,7 +76,13 @@ class TrainConfig:
     max_nonfinite_steps: int = option(3, "stop after this many steps in a row whose loss or gradient norm is not "
                                          "finite (each is skipped: no update, nothing pushed to the engine)",
                                       minimum=1)
-    micro_batch_tokens: int = option(8192, "token budget of one forward/backward; groups never split", minimum=1)
+    micro_batch_tokens: int = option(8192, "token budget of one forward/backward (a sequence is never split)",
+                                     minimum=1)
+    reward_pass: str = option("auto", "objectives whose rewards come from the gradient forward (verifree): fused "
+                                      "(one pass; a group's sequences share a micro-batch), separate (a no-grad "
+                                      "forward scores the rewards first, then micro-batches of any sequences) or "
+                                      "auto (fused for the groups that fit micro_batch_tokens, separate for the "
+                                      "rest)", choices=REWARD_PASSES)
 
     # runtime
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -130,6 +141,10 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.prompt_template and "{question}" not in self.prompt_template:
             raise ConfigError("prompt_template must contain {question}")
+        if self.max_new_tokens >= self.micro_batch_tokens:
+            raise ConfigError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be larger than max_new_tokens "
+                              f"({self.max_new_tokens}): a sequence (prompt + completion + answer) is never split "
+                              f"across micro-batches")
         if self.answer_template.count("{ref}") != 1:
             raise ConfigError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
         return self

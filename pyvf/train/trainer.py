@@ -1,7 +1,8 @@
 """The training loop, top to bottom:
     rollout (G samples per prompt, one batched engine call) -> the objective's rewards
     (no grad, when it has them before the forward) -> its group filter (more prompts
-    until the step is full) -> its training sequences -> micro-batches of whole groups
+    until the step is full) -> its training sequences -> micro-batches (`plan_step`;
+    rewards from the forward: whole groups, or first the separate no-grad reward pass)
     -> one decoder forward per micro-batch -> the objective's no-grad look and its
     per-token coefficients -> the fused lm_head pass (`policy_loss`) -> backward ->
     grad-norm clip -> AdamW -> weights to the engine -> metrics, checkpoint.
@@ -26,7 +27,8 @@ from pyvf.chat import check_vocabulary, describe, render_prompt_ids, stop_token_
 from pyvf.data import dataset
 from pyvf.objectives import get_objective
 from pyvf.objectives.base import (
-    Objective, Sample, StepContext, add_metric, aggregation_scale, group_stds, per_token_rows,
+    MicroBatch, Objective, Sample, StepContext, TrainSequences, add_metric, aggregation_scale, group_stds,
+    per_token_rows,
 )
 from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
@@ -86,7 +88,8 @@ class Prompts:
 
 
 class StepTimer:
-    """Seconds per phase of a step (rollout, scoring, forward_backward, optimizer, weight_sync)."""
+    """Seconds per phase of a step (rollout, scoring, reward_pass, forward_backward, optimizer,
+    weight_sync)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -181,7 +184,7 @@ def _check_data(cfg: TrainConfig, tokenizer, prompts: Prompts, objective: Object
     shortest = min(len(prompts[i]) + (len(tokenizer(cfg.answer_template.format(ref=prompts.examples[i].answers[0]),
                                                     add_special_tokens=False)["input_ids"])
                                       if prompts.examples[i].answers else 0) for i in range(n))
-    if cfg.max_seq_len < shortest + 2:
+    if cfg.max_seq_len and cfg.max_seq_len < shortest + 2:
         raise ConfigError(f"max_seq_len {cfg.max_seq_len} is too short to hold any answer: the shortest prompt "
                           f"plus answer takes {shortest} tokens")
 
@@ -194,7 +197,7 @@ class ExtraReward:
         self.tokenizer = tokenizer
         self.verifier = get_verifier(cfg.reward, tokenizer=tokenizer, policy=policy, rubric=cfg.rubric or "story",
                                      marker=cfg.marker, answer_template=cfg.answer_template,
-                                     max_seq_len=cfg.max_seq_len, token_budget=cfg.micro_batch_tokens,
+                                     max_seq_len=cfg.max_seq_len or None, token_budget=cfg.micro_batch_tokens,
                                      temperature=cfg.temperature)
         # Decided for the whole data set, so every rank passes the same kind of batch.
         self.with_references = all(ex.answers for ex in examples)
@@ -209,7 +212,10 @@ class ExtraReward:
         return torch.where(torch.isnan(scores), torch.zeros_like(scores), scores)  # TRL's reading of None
 
 
-def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool):
+def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool,
+                longest_sequence=None):
+    """The rollout engine; `longest_sequence()` is the most tokens one sampled sequence
+    can hold (vLLM's max_model_len)."""
     if cfg.rollout == "vllm":
         from pyvf.runtime.rollout.vllm import VLLMEngine, vllm_available
 
@@ -220,7 +226,7 @@ def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], c
         return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=cache_dir,
                                      dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
-                                     max_model_len=cfg.max_seq_len + cfg.max_new_tokens)
+                                     max_model_len=longest_sequence())
 
     return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids, synced=sharded)
 
@@ -287,7 +293,10 @@ class Trainer:
         else:
             objective.setup(policy, examples, prompts, device, rank=rank, world=world)
         # The engine starts from the unsharded weights (vLLM loads them from a directory).
-        engine = engine or make_engine(cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded)
+        engine = engine or make_engine(
+            cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded,
+            lambda: (max(len(prompts[i]) for i in range(len(examples))) + cfg.max_new_tokens
+                     + objective.continuation_tokens()))
         if sharded:
             distributed.shard(policy, mixed_precision=mixed)
         objective.after_shard(sharded)
@@ -330,9 +339,8 @@ class Trainer:
                                          extra_reward=self.extra_reward)
         engine.sleep()
         policy.train()
-        with timer("forward_backward"):
-            sums = accumulate_gradients(cfg, self.objective, self.objective.config.loss_agg, policy, samples, rewards,
-                                        ctx)
+        sums = accumulate_gradients(cfg, self.objective, self.objective.config.loss_agg, policy, samples, rewards,
+                                    ctx, timer)
         with timer("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             # The loss is summed and the norm reduced over ranks, so every rank decides alike.
@@ -354,6 +362,11 @@ class Trainer:
         record["skipped_nonfinite"] = 0 if finite else 1
         if self.rank == 0:
             self.metrics.write(record)
+            if sums["over_length"]:
+                log.warning("step %d: %d of %d samples did not fit max_seq_len %d (prompt + completion + answer): "
+                            "trained on the part that fits, reward 0 where the answer did not fit; raise "
+                            "--max-seq-len, or leave it at 0 (what the step produces)", step, sums["over_length"],
+                            sums["samples_global"], cfg.max_seq_len)
             if record.get("rollout_logprob_diff", 0.0) > cfg.rollout_logprob_warn:
                 log.warning("step %d: engine and trainer log-probs differ by %.3g on average (> %g): are the "
                             "engine's weights in sync?", step, record["rollout_logprob_diff"], cfg.rollout_logprob_warn)
@@ -482,11 +495,79 @@ def _trained_rows(seq: Sequence) -> int:
     return len(seq) - len(seq.prompt_ids) if seq.prompt_ids else max(len(seq) - 1, 0)
 
 
+def plan_step(seqs: list[Sequence], budget: int, reward_pass: str | None) -> tuple[list[list[int]], list[int]]:
+    """(micro-batches, separated): the step's micro-batches of at most `budget` tokens
+    (lists of sequence indices), and the sequences whose rewards the separate reward pass
+    computes first. reward_pass None: the rewards are known before the forward, so a
+    micro-batch takes any sequences. Otherwise they come from the gradient forward:
+    fused keeps each group in one micro-batch, separate scores every group first, auto
+    keeps the groups that fit whole and separates the rest. A micro-batch never mixes
+    fused and separated sequences."""
+    lengths = [len(q) for q in seqs]
+    if lengths and max(lengths) > budget:
+        raise ConfigError(f"a training sequence has {max(lengths)} tokens, more than micro_batch_tokens ({budget}), "
+                          f"and a sequence is never split: raise micro_batch_tokens or lower max_new_tokens")
+    groups = [q.group for q in seqs]
+    size: dict[int, int] = {}
+    for g, n in zip(groups, lengths):
+        size[g] = size.get(g, 0) + n
+    if reward_pass is None or reward_pass == "separate":
+        whole, separated = [], list(range(len(seqs)))
+    else:
+        big = sorted(g for g, n in size.items() if n > budget)
+        if big and reward_pass == "fused":
+            raise ConfigError(f"group {big[0]} has {size[big[0]]} tokens, more than micro_batch_tokens ({budget}); "
+                              f"reward_pass fused trains each group in one micro-batch: raise micro_batch_tokens, "
+                              f"or use reward_pass auto or separate (a no-grad reward pass first)")
+        whole = [i for i, g in enumerate(groups) if size[g] <= budget]
+        separated = [i for i, g in enumerate(groups) if size[g] > budget]
+
+    def plan(index: list[int], keys: list[int]) -> list[list[int]]:
+        return [[index[j] for j in mb] for mb in
+                plan_micro_batches([lengths[i] for i in index], keys, budget)] if index else []
+
+    plan_whole = plan(whole, [groups[i] for i in whole])
+    plan_any = plan(separated, list(range(len(separated))))
+    return plan_whole + plan_any, (separated if reward_pass is not None else [])
+
+
+def separate_reward_pass(cfg: TrainConfig, objective: Objective, policy: Policy, train: TrainSequences,
+                         index: list[int], ctx: StepContext) -> None:
+    """A no-grad forward over sequences `index` (whole groups) in micro-batches of any
+    sequences, with only the objective's `look` rows through the lm_head; the objective
+    turns their log-probs into the groups' rewards (`rewards_from_look`). Every rank runs
+    as many forwards as the busiest one (FSDP2's collectives pair up)."""
+    device = ctx.device
+    plan = plan_micro_batches([len(train.sequences[i]) for i in index], list(range(len(index))),
+                              cfg.micro_batch_tokens) if index else []
+    looked: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for k in range(int(distributed.all_max(float(len(plan)), device))):
+            if k >= len(plan):
+                policy(pack([Sequence([0], [0], [], group=-1)]), cfg.temperature)
+                continue
+            mb = train.micro_batch([index[j] for j in plan[k]], device)
+            rows = objective.look(mb, ctx)
+            if rows is None:
+                raise ValueError(f"objective {objective.name!r}: look() must name the rows its rewards are read "
+                                 f"from for the separate reward pass, got None")
+            logprobs = policy(mb.batch, cfg.temperature, look=rows).cpu().double()
+            rows = rows.cpu()
+            starts = mb.batch.cu_seqlens.tolist()
+            for b, i in enumerate(mb.index):
+                span = slice(starts[b], starts[b + 1])
+                looked[i] = logprobs[span][rows[span]]
+    objective.rewards_from_look(train, index, [looked[i] for i in index], ctx)
+
+
 def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, policy: Policy,
-                         samples: list[Sample], rewards: torch.Tensor | None, ctx: StepContext) -> dict:
+                         samples: list[Sample], rewards: torch.Tensor | None, ctx: StepContext,
+                         timer: StepTimer | None = None) -> dict:
     """Backward of one step's samples (gradients accumulate in the parameters); returns
-    the step's sums for the metrics, over all ranks."""
+    the step's sums for the metrics, over all ranks. `rewards` None: the objective
+    rewards in the gradient forward (cfg.reward_pass says how)."""
     device, world = ctx.device, ctx.world
+    timer = timer or StepTimer()
     ctx.samples = samples
     groups = torch.tensor([s.group for s in samples], dtype=torch.long)
     if rewards is not None:
@@ -494,58 +575,39 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
         ctx.advantages = (grouped_advantages(rewards.float(), groups, estimator=objective.advantage_estimator,
                                              eps=objective.advantage_eps)
                           if len(samples) else torch.zeros(0))
-    train_seqs = objective.sequences(samples) if samples else None
-    seqs = train_seqs.sequences if train_seqs else []
+    train_seqs = objective.sequences(samples) if samples else TrainSequences([], [], [])
+    seqs = train_seqs.sequences
     rows_per_sample = torch.zeros(len(samples))
-    for seq, i in zip(seqs, train_seqs.owner if train_seqs else []):
+    for seq, i in zip(seqs, train_seqs.owner):
         rows_per_sample[i] += _trained_rows(seq)
     n_samples, n_rows = distributed.all_sum([float(len(samples)), float(rows_per_sample.sum())], device)
 
-    plan = plan_micro_batches([len(q) for q in seqs], [q.group for q in seqs], cfg.micro_batch_tokens) if seqs else []
+    plan, separated = plan_step(seqs, cfg.micro_batch_tokens, None if rewards is not None else cfg.reward_pass)
+    if rewards is None:  # every rank takes part, separated sequences or not (collectives)
+        with timer("reward_pass"):
+            separate_reward_pass(cfg, objective, policy, train_seqs, separated, ctx)
     # Every rank runs as many forwards as the busiest one (FSDP2's collectives pair up).
     n_micro = int(distributed.all_max(float(len(plan)), device))
-    sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0, nonfinite=0.0)
-    for k in range(n_micro):
-        if k >= len(plan):
-            dummy = pack([Sequence([0], [0], [], group=-1)])
-            loss, _, _ = policy(dummy, cfg.temperature, coefficients=lambda _: (torch.zeros(2, device=device), None))
-            (loss * 0).backward()
-            continue
-        mb = train_seqs.micro_batch(plan[k], device)
-        batch = mb.batch
-        look = objective.look(mb, ctx)
-        scale = aggregation_scale(loss_agg, mb, trained_rows_per_sample=rows_per_sample, n_samples=int(n_samples),
-                                  n_trained_rows=int(n_rows))
-
-        def coefficients(looked, mb=mb, scale=scale):
-            c, e = objective.coefficients(mb, looked, ctx)
-            c, e = c.to(device) * scale, (None if e is None else e.to(device) * scale)
-            if not (torch.isfinite(c).all() and (e is None or torch.isfinite(e).all())):
-                # An overflow upstream (the look, a reward): this micro-batch trains
-                # nothing and the step is skipped (Trainer.step).
-                sums["nonfinite"] += 1
-                return torch.zeros_like(c), None
-            return c, e
-
-        loss, logprobs, entropy = policy(batch, cfg.temperature, coefficients=coefficients, look=look)
-        # FSDP2 averages gradients over ranks; the coefficients already divide by the
-        # step's global totals, so each rank's share is scaled back up.
-        (loss * world).backward()
-        sums["loss"] += float(loss.detach())
-        sums["tokens"] += batch.input_ids.numel()
-        trained = batch.targets != batch.ignore_index
-        if entropy is not None:
-            sums["entropy"] += float(entropy.cpu()[trained].sum())
-            sums["entropy_n"] += float(trained.sum())
-        engine = per_token_rows(mb, [s.rollout_logprobs for s in samples]).cpu()
-        sampled = ~torch.isnan(engine)
-        sums["diff"] += float((logprobs.detach().cpu().double()[sampled] - engine[sampled]).abs().sum())
-        sums["diff_n"] += float(sampled.sum())
+    sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0, nonfinite=0.0,
+                micro_batches=float(len(plan)), sequences=float(len(seqs)), separated=float(len(separated)))
+    with timer("forward_backward"):
+        for k in range(n_micro):
+            if k >= len(plan):
+                dummy = pack([Sequence([0], [0], [], group=-1)])
+                loss, _, _ = policy(dummy, cfg.temperature,
+                                    coefficients=lambda _: (torch.zeros(2, device=device), None))
+                (loss * 0).backward()
+                continue
+            mb = train_seqs.micro_batch(plan[k], device)
+            _backward(cfg, objective, loss_agg, policy, mb, ctx, sums, world,
+                      aggregation_scale(loss_agg, mb, trained_rows_per_sample=rows_per_sample,
+                                        n_samples=int(n_samples), n_trained_rows=int(n_rows)))
 
     sums["reward"] = float(ctx.rewards.sum()) if ctx.rewards is not None else 0.0
     sums["adv_sq"] = float((ctx.advantages.double() ** 2).sum()) if ctx.advantages is not None else 0.0
     objective.sample_metrics(samples, ctx)
     sums["truncated"] = float(sum(s.truncated for s in samples))
+    sums["over_length"] = float(sum(s.over_length for s in samples))
     sums["stopped"] = float(sum(s.finish == "stop" for s in samples))
     sums["completion_len"] = float(sum(len(s.ids) for s in samples))
     keys = list(sums)
@@ -556,6 +618,38 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
     flat = distributed.all_sum([v for k in names for v in ctx.metrics[k][:2]], device)
     totals["objective"] = {k: (flat[2 * j], flat[2 * j + 1], ctx.metrics[k][2]) for j, k in enumerate(names)}
     return totals
+
+
+def _backward(cfg: TrainConfig, objective: Objective, loss_agg: str, policy: Policy, mb: MicroBatch,
+              ctx: StepContext, sums: dict, world: int, scale: torch.Tensor) -> None:
+    """One micro-batch: the objective's look and coefficients, the lm_head pass, backward."""
+    device = ctx.device
+    batch = mb.batch
+
+    def coefficients(looked):
+        c, e = objective.coefficients(mb, looked, ctx)
+        c, e = c.to(device) * scale, (None if e is None else e.to(device) * scale)
+        if not (torch.isfinite(c).all() and (e is None or torch.isfinite(e).all())):
+            # An overflow upstream (the look, a reward): this micro-batch trains
+            # nothing and the step is skipped (Trainer.step).
+            sums["nonfinite"] += 1
+            return torch.zeros_like(c), None
+        return c, e
+
+    loss, logprobs, entropy = policy(batch, cfg.temperature, coefficients=coefficients, look=objective.look(mb, ctx))
+    # FSDP2 averages gradients over ranks; the coefficients already divide by the
+    # step's global totals, so each rank's share is scaled back up.
+    (loss * world).backward()
+    sums["loss"] += float(loss.detach())
+    sums["tokens"] += batch.input_ids.numel()
+    trained = batch.targets != batch.ignore_index
+    if entropy is not None:
+        sums["entropy"] += float(entropy.cpu()[trained].sum())
+        sums["entropy_n"] += float(trained.sum())
+    engine = per_token_rows(mb, [s.rollout_logprobs for s in ctx.samples]).cpu()
+    sampled = ~torch.isnan(engine)
+    sums["diff"] += float((logprobs.detach().cpu().double()[sampled] - engine[sampled]).abs().sum())
+    sums["diff_n"] += float(sampled.sum())
 
 
 def _value(norm) -> float:
@@ -571,6 +665,9 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
         "reward_mean": t["reward"] / n,
         "advantage_std": (t["adv_sq"] / n) ** 0.5,
         "truncated_frac": t["truncated"] / n,
+        "over_length_frac": t["over_length"] / n,
+        "micro_batches": t["micro_batches"],
+        "separated_frac": t["separated"] / max(t["sequences"], 1.0),
         "stop_frac": t["stopped"] / n,
         "reasoning_len": t["completion_len"] / n,
         "entropy": t["entropy"] / max(t["entropy_n"], 1.0),
@@ -586,7 +683,7 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
     if "groups_kept" in info:
         record["groups_kept"] = info["groups_kept"]
         record["sampling_rounds"] = info["rounds"]
-    for phase in ("rollout", "scoring", "forward_backward", "optimizer", "weight_sync"):
+    for phase in ("rollout", "scoring", "reward_pass", "forward_backward", "optimizer", "weight_sync"):
         record[f"time_{phase}"] = timer.seconds.get(phase, 0.0)
     record["rollout_time"] = record["time_rollout"]
     return record

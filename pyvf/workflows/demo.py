@@ -19,7 +19,7 @@ HELP = "evaluate, train with VeriFree on the CPU, evaluate again"
 # Everything else as in `pyvf train`.
 TRAIN_KEYS = dict(
     model="builtin", data="synthetic", objective="verifree", prompts_per_step=8, group_size=8, max_new_tokens=48,
-    lr=3e-5, max_seq_len=256, micro_batch_tokens=16384, save_every=0,
+    lr=3e-5, micro_batch_tokens=16384, save_every=0,
 )
 
 

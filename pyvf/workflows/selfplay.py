@@ -64,7 +64,7 @@ class SelfPlayConfig:
     prompts_per_step: int = option(4, "prompts per training step of either role", minimum=1)
     lr: float = option(3e-5, "learning rate of either role")
     max_new_tokens: int = option(48, "longest completion", minimum=1)
-    max_seq_len: int = option(256, "longest sequence trained on", minimum=1)
+    max_seq_len: int = option(0, "longest sequence trained on (0: what a step produces)", minimum=0)
     eval_questions: int = option(200, "held-out synthetic questions to evaluate each solver on (0: none)", minimum=0)
     save_every: int = option(5, "checkpoint a training phase every N steps (and at its end)", minimum=1)
     progress: bool = option(True, "progress bars")

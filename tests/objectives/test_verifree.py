@@ -111,27 +111,57 @@ def test_bad_shapes():
 
 # --- the objective inside the trainer ------------------------------------------------------
 
-from helpers import config, context, grads, make_samples, tiny_policy  # noqa: E402
+from helpers import TEXTS, config, context, grads, make_samples, tiny_policy  # noqa: E402
 
 from pyvf.objectives.verifree import VeriFree  # noqa: E402
 from pyvf.packing import pack  # noqa: E402
+from pyvf.options import ConfigError  # noqa: E402
 from pyvf.train.trainer import accumulate_gradients  # noqa: E402
 
 
-@pytest.mark.parametrize("budget", [8192, 600])
-@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd", "full_logits"])
-def test_trainer_gradient_equals_verifree_loss(budget, lm_head_pass):
-    """The coefficients the objective hands the lm_head pass (answer rows looked at
-    first, then -A on the reasoning and -w R on the answers), accumulated over
-    micro-batches of whole groups, give the gradient of verifree_loss on the whole
-    packed batch."""
-    policy, tok = tiny_policy(lm_head_pass)
-    cfg = config(micro_batch_tokens=budget)
-    objective = VeriFree(cfg, tok)
+def _three_groups(tok):
+    """Two groups of four completions and a third of two (a group that fits where the others don't)."""
     samples = make_samples(tok)
+    small = make_samples(tok, texts=TEXTS[:2], n_groups=1)
+    for s in small:
+        s.group = s.example_index = 2
+    return samples + small
+
+
+def _budgets(objective, samples):
+    """Token budgets: every group fits, only the small group fits, one sequence fits."""
+    ts = objective.sequences(samples)
+    size = {}
+    for q in ts.sequences:
+        size[q.group] = size.get(q.group, 0) + len(q)
+    return {"all": 8192, "small group": size[2], "one sequence": max(len(q) for q in ts.sequences)}
+
+
+@pytest.mark.parametrize("reward_pass,budget", [("fused", "all"), ("separate", "all"), ("separate", "one sequence"),
+                                                ("auto", "all"), ("auto", "small group"),
+                                                ("auto", "one sequence")])
+@pytest.mark.parametrize("lm_head_pass", ["fused", "autograd", "full_logits"])
+def test_trainer_gradient_equals_verifree_loss(reward_pass, budget, lm_head_pass):
+    """The coefficients the objective hands the lm_head pass (-A on the reasoning and
+    -w R on the answers), accumulated over micro-batches, give the gradient of
+    verifree_loss on the whole packed batch, whether the rewards come from the
+    gradient forward (fused: the answer rows looked at first, whole groups per
+    micro-batch) or from the separate no-grad reward pass (any micro-batches), or
+    both in one step (auto with a budget that fits one group only)."""
+    policy, tok = tiny_policy(lm_head_pass)
+    samples = _three_groups(tok)
+    objective = VeriFree(config(), tok)
+    cfg = config(micro_batch_tokens=_budgets(objective, samples)[budget], reward_pass=reward_pass)
+    objective = VeriFree(cfg, tok)
     ctx = context(policy)
     sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, ctx)
     got = grads(policy)
+    n_seq = 2 * 7 + 4
+    expect_separated = {"fused": 0, "separate": n_seq,
+                        "auto": {"all": 0, "small group": n_seq - 4, "one sequence": n_seq}[budget]}[reward_pass]
+    assert sums["separated"] == expect_separated and sums["sequences"] == n_seq
+    if budget == "one sequence":
+        assert sums["micro_batches"] > 3
 
     policy.zero_grad(set_to_none=True)
     ts = objective.sequences(samples)
@@ -146,10 +176,44 @@ def test_trainer_gradient_equals_verifree_loss(budget, lm_head_pass):
     assert sums["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     reward, count, _ = sums["objective"]["reward_mean"]
     assert count == len(samples) and reward == pytest.approx(out.rewards.sum().item(), rel=1e-5)
+    found, count, _ = sums["objective"]["rewarded_frac"]
+    assert (found, count) == (float(out.found.sum()), len(samples))
     # The three completions with an answer are rewarded, the right ones far more.
-    r = out.rewards.view(2, 4)
+    r = out.rewards[:8].view(2, 4)
     assert torch.all(r[:, 2] == 0) and torch.all(r[:, [0, 1, 3]] > 0)
     assert torch.all(r[:, 0] > 100 * r[:, 1])
+
+
+def test_fused_reward_pass_refuses_a_group_over_the_budget():
+    policy, tok = tiny_policy()
+    samples = make_samples(tok)
+    cfg = config(micro_batch_tokens=_budgets(VeriFree(config(), tok), _three_groups(tok))["small group"],
+                 reward_pass="fused")
+    with pytest.raises(ConfigError, match=r"group 0 has \d+ tokens, more than micro_batch_tokens .*reward_pass "
+                                          r"fused .* use reward_pass auto or separate"):
+        accumulate_gradients(cfg, VeriFree(cfg, tok), "seq_mean_token_sum", policy, samples, None, context(policy))
+
+
+def test_separate_pass_sends_only_answer_rows_through_the_lm_head(monkeypatch):
+    """The no-grad reward pass computes log-probs of the answer rows alone: the other
+    rows' targets are ignored, so the lm_head does no work on them."""
+    import pyvf.runtime.policy as policy_module
+
+    policy, tok = tiny_policy()
+    samples = make_samples(tok)
+    cfg = config(reward_pass="separate")
+    seen = []
+    real = policy_module.token_logprobs
+
+    def spy(hidden, weight, targets, **kw):
+        if not torch.is_grad_enabled():
+            seen.append((targets != kw.get("ignore_index", -100)).sum().item())
+        return real(hidden, weight, targets, **kw)
+
+    monkeypatch.setattr(policy_module, "token_logprobs", spy)
+    accumulate_gradients(cfg, VeriFree(cfg, tok), "seq_mean_token_sum", policy, samples, None, context(policy))
+    ts = VeriFree(cfg, tok).sequences(samples)
+    assert sum(seen) == sum(len(q.answer_ids) for q in ts.sequences) > 0
 
 
 def test_sequences_cut_and_references():
