@@ -186,3 +186,21 @@ def test_cpu_memory_stays_far_below_logits():
     grown = int(out.stdout.strip().splitlines()[-1])
     logits_bytes = 4096 * 151936 * 4
     assert grown < 0.1 * logits_bytes, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend", [INTERPRETED_TRITON])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_vocabulary_splits_and_grouped_launch_order(backend, monkeypatch, with_entropy):
+    """The launch orders a GPU uses, under the interpreter: the forward's 1-D grid with
+    the vocabulary split fastest over several splits (the CPU plan is one split), and
+    the backward's grouped order over several row blocks, vocabulary blocks and chunks,
+    with a ragged last group (5 row blocks in groups of 2)."""
+    import pyvf.kernels.triton.token_logprobs as kernels
+
+    n, v = 70, 1000  # 5 row blocks of 16 (the interpreter's tile), V not a multiple of 256
+    monkeypatch.setattr(kernels, "_split_vocab", lambda n, v, h, element_size, device: (256, 4))
+    monkeypatch.setattr(kernels, "GROUP_N", 2)
+    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", n * 4 * 512)  # two backward chunks of 512 columns
+    assert kernels.backward_chunk(n, v, 4) == 512
+    hidden, weight, targets = make_inputs(n, 24, v, torch.float32, "cpu")
+    check_against_reference(backend, hidden, weight, targets, 0.8, with_entropy, TOL[torch.float32])

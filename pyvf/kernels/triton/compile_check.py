@@ -220,16 +220,17 @@ def _cases(arch: int):
     from pyvf.kernels.triton import token_logprobs as k
 
     n, h, v = HEADLINE_N, HEADLINE_H, HEADLINE_V
-    per_split, _ = k.vocab_splits(n, v, HOPPER_SMS)
     for dtype, torch_name in _DTYPES:
         element = 4 if dtype == "fp32" else 2
+        per_split, splits = k.vocab_splits(n, v, HOPPER_SMS, h, element)
         chunk = k.backward_chunk(n, v, element)
         runtime = {
-            "_forward_kernel": dict(N=n, V=v, stride_h=h, stride_w=h, inv_temp=1.0),
+            "_forward_kernel": dict(N=n, V=v, stride_h=h, stride_w=h, inv_temp=1.0, N_SPLITS=splits),
             "_logits_grad_kernel": dict(N=n, V=v, stride_h=h, stride_w=h, stride_dz=chunk, inv_temp=1.0,
                                         v_start=0, V_COUNT=chunk),
         }
-        shape = {"_forward_kernel": dict(H=h, V_PER_SPLIT=per_split), "_logits_grad_kernel": dict(H=h)}
+        shape = {"_forward_kernel": dict(H=h, V_PER_SPLIT=per_split),
+                 "_logits_grad_kernel": dict(H=h, GROUP_N=k.GROUP_N)}
         kernels = {"_forward_kernel": (k._forward_jit, "forward"),
                    "_logits_grad_kernel": (k._logits_grad_jit, "logits_grad")}
         pointers = {"h_ptr": dtype, "w_ptr": dtype, "dz_ptr": dtype, "tgt_ptr": "i64"}
@@ -250,8 +251,10 @@ def _cases(arch: int):
             for with_entropy_grad in (False, True):
                 constexprs = dict(V=v, NEED_GRAD=need_grad, WITH_ENTROPY_GRAD=with_entropy_grad,
                                   BLOCK_V=pl.ROW_BLOCK_V)
-                sig, attrs = _signature_and_hints(fn.fn, constexprs, {"z_ptr": dtype, "tgt_ptr": "i64"},
-                                                  dict(stride_z=v, inv_temp=1.0))
+                # The logits workspace is fp32 whatever the inputs; dz is in the inputs' dtype.
+                sig, attrs = _signature_and_hints(fn.fn, constexprs,
+                                                  {"z_ptr": "fp32", "dz_ptr": dtype, "tgt_ptr": "i64"},
+                                                  dict(stride_z=v, stride_dz=v, inv_temp=1.0))
                 yield ("_policy_rows_kernel", fn, f"BLOCK_V={pl.ROW_BLOCK_V} w{pl.ROW_WARPS} s1",
                        f"grad={'on' if need_grad else 'off'} entropy_grad={'on' if with_entropy_grad else 'off'}",
                        sig, constexprs, attrs, dtype, pl.ROW_WARPS, 1, False)

@@ -1,24 +1,37 @@
 """policy_loss on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1): the loss
 sum_t c_t log p(t) (+ sum_t e_t H_t) with its gradients, in one pass over the vocabulary.
 
-Per chunk of rows (sized by the workspace bound):
+Per chunk of rows (balanced chunks, sized by the workspace bound):
 
-    1. logits = hidden[chunk] @ weight.T         cuBLAS, fp32 accumulate, written once
-                                                 to the [rows, V] workspace in the
-                                                 inputs' dtype (bf16 on the training path)
+    1. logits = hidden[chunk] @ weight.T         a GEMM with fp32 accumulation, written
+                                                 to an fp32 [rows, V] workspace: the
+                                                 softmax statistics and dL/dz are computed
+                                                 from unrounded logits (bf16 logits lose
+                                                 ~3 digits, and the entropy gradient
+                                                 log p + H, a difference of numbers near
+                                                 10, amplifies that to errors of order 1)
     2. `_policy_rows_kernel`, one program per row: a first sweep over the row builds the
        online log-sum-exp, the entropy (relative to the running max, as in
-       token_logprobs) and picks the target logit; a second sweep overwrites the row
-       in place with dL/dz:
+       token_logprobs) and picks the target logit; a second sweep writes dL/dz in the
+       inputs' dtype (to its own buffer; in place for fp32 inputs):
 
            dL/dz_j = [c (1[j = t] - p_j) - e p_j (log p_j + H)] / T
 
        (d H / d z_j = -p_j (log p_j + H), since H = lse - sum_j p_j z_j.)
-    3. d_hidden[chunk] = dz @ weight; d_weight += dz.T @ hidden[chunk]   (cuBLAS)
+    3. d_hidden[chunk] = dz @ weight; d_weight (+)= dz.T @ hidden[chunk]   (GEMMs)
 
-FLOPs 2NHV + 2NHV + 2NHV = 6NHV, with no recompute of the logits. Memory: the
-workspace, an fp32 [V, H] accumulator for d_weight when more than one chunk is needed
-(one chunk writes d_weight directly), and O(N) statistics.
+FLOPs 2NHV + 2NHV + 2NHV = 6NHV, with no recompute of the logits. Memory beyond the
+inputs and gradients: the workspace (fp32 logits and, for bf16/fp16 inputs, dz in the
+inputs' dtype: 6 bytes per logit, within `workspace_bytes`), an fp32 [V, H] accumulator
+for d_weight when more than one chunk is needed (one chunk writes d_weight directly),
+and O(N) statistics. On CUDA the d_weight GEMM of a chunk runs on a second stream,
+overlapped with the next chunk's logits GEMM and row kernel (two workspaces, each half
+the bound).
+
+`policy_rows_reference` is the row kernel's arithmetic in PyTorch: the tests check it
+against the kernel (fp32, fp16 under the interpreter), then run the whole chunk loop
+with it on bf16 CPU tensors, which emulates what the GPU computes and stores in bf16
+(the interpreter's bf16 stores truncate instead of rounding to nearest).
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyvf.kernels.triton.token_logprobs import _add_matmul
+from pyvf.kernels.triton.token_logprobs import _add_matmul, _mm_fp32
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # stands in for -inf where inf * 0 would give NaN
 
@@ -39,14 +52,15 @@ ROW_WARPS = 8
 
 @triton.jit
 def _policy_rows_kernel(
-    z_ptr,                        # [rows, V] logits in, dL/dz out (NEED_GRAD), workspace dtype
+    z_ptr, dz_ptr,                # [rows, V] logits in (fp32 workspace), dL/dz out (NEED_GRAD; may alias z)
     tgt_ptr, c_ptr, e_ptr,        # targets [rows], coeffs [rows], entropy coeffs [rows] (fp32)
     logp_ptr, ent_ptr,            # out: log-prob and entropy [rows], fp32
-    stride_z, inv_temp,
+    stride_z, stride_dz, inv_temp,
     V: tl.constexpr, NEED_GRAD: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_z
+    out = dz_ptr + row * stride_dz
     tgt = tl.load(tgt_ptr + row)
 
     m = tl.full((), _NEG_BIG, tl.float32)
@@ -84,13 +98,61 @@ def _policy_rows_kernel(
             dz = tl.where(cols == tgt, c, 0.0) - c * p
             if WITH_ENTROPY_GRAD:
                 dz -= ec * p * (logp_j + entropy)
-            tl.store(base + cols, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=ok)
+            tl.store(out + cols, (dz * inv_temp).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-def workspace_rows(n: int, v: int, dtype: torch.dtype, workspace_bytes: int) -> int:
-    """Rows per chunk so the [rows, V] logits workspace stays within workspace_bytes."""
-    per_row = v * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(n, workspace_bytes // per_row))
+def policy_rows_reference(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Tensor, coeffs: torch.Tensor,
+                          ecoeffs: torch.Tensor | None, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_policy_rows_kernel` in PyTorch: (log-probs, entropies) fp32 of logits z [rows, V],
+    and, when dz is given, dL/dz written to it (in its dtype, rounded to nearest even as
+    the GPU stores it). fp32 arithmetic from z's stored values, as the kernel."""
+    zf = z.float() * inv_temp
+    logp_all = zf - torch.logsumexp(zf, dim=1, keepdim=True)
+    p = logp_all.exp()
+    entropy = -(p * logp_all).sum(dim=1)
+    logp = logp_all.gather(1, targets.long()[:, None]).squeeze(1)
+    if dz is not None:
+        c = coeffs.float()[:, None]
+        grad = -c * p
+        grad.scatter_add_(1, targets.long()[:, None], c)
+        if ecoeffs is not None:
+            grad -= ecoeffs.float()[:, None] * p * (logp_all + entropy[:, None])
+        dz.copy_(grad * inv_temp)
+    return logp, entropy
+
+
+def _launch_rows(z, dz, targets, coeffs, ecoeffs, logp, entropy, inv_temp, need_grad, with_entropy_grad):
+    """The row kernel over the rows of z (the seam the bf16 emulation replaces)."""
+    _policy_rows_kernel[(z.shape[0],)](
+        z, dz if dz is not None else z, targets, coeffs, ecoeffs if ecoeffs is not None else coeffs, logp, entropy,
+        z.stride(0), (dz if dz is not None else z).stride(0), inv_temp,
+        V=z.shape[1], NEED_GRAD=need_grad, WITH_ENTROPY_GRAD=with_entropy_grad, BLOCK_V=ROW_BLOCK_V,
+        num_warps=ROW_WARPS,
+    )
+
+
+# Chunks are balanced and, where there are several, multiples of this many rows (a
+# GEMM tile), so no chunk is a thin remainder.
+CHUNK_ALIGN = 128
+
+
+def workspace_bytes_per_row(v: int, dtype: torch.dtype) -> int:
+    """Workspace bytes one row costs: its fp32 logits, and for bf16/fp16 inputs its dz in
+    the inputs' dtype (fp32 dz overwrites the logits in place)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return v * (4 + (0 if dtype == torch.float32 else element))
+
+
+def chunk_rows(n: int, v: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+    """Rows per chunk: as few chunks as the workspace bound allows, of equal size,
+    rounded up to CHUNK_ALIGN rows where that stays within the bound."""
+    bound = max(1, workspace_bytes // workspace_bytes_per_row(v, dtype))
+    if bound >= n:
+        return n
+    chunks = -(-n // bound)
+    rows = -(-n // chunks)
+    aligned = -(-rows // CHUNK_ALIGN) * CHUNK_ALIGN
+    return aligned if aligned <= bound else rows
 
 
 def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coeffs: torch.Tensor,
@@ -107,44 +169,74 @@ def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coe
     f32 = dict(dtype=torch.float32, device=hidden.device)
     coeffs = coeffs.to(**f32).contiguous()
     with_entropy_grad = entropy_coeffs is not None
-    ecoeffs = entropy_coeffs.to(**f32).contiguous() if with_entropy_grad else coeffs
+    ecoeffs = entropy_coeffs.to(**f32).contiguous() if with_entropy_grad else None
     need_grad = need_d_hidden or need_d_weight
+    in_place = hidden.dtype == torch.float32 or not need_grad  # dz overwrites the fp32 logits
 
-    rows = workspace_rows(n, v, hidden.dtype, workspace_bytes)
-    workspace = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
+    # On CUDA with several chunks, the d_weight GEMM of chunk k runs on a side stream
+    # while chunk k + 1 computes its logits and dz: two workspaces, each half the bound.
+    overlap = hidden.is_cuda and need_d_weight and chunk_rows(n, v, hidden.dtype, workspace_bytes) < n
+    rows = chunk_rows(n, v, hidden.dtype, workspace_bytes // 2 if overlap else workspace_bytes)
+    n_buffers = 2 if overlap else 1
+    logits = [torch.empty((rows, v), **f32) for _ in range(n_buffers)]
+    dzs = logits if in_place else [torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
+                                   for _ in range(n_buffers)]
     logp = torch.empty(n, **f32)
     entropy = torch.empty(n, **f32)
     exact = hidden.dtype == torch.float32  # fp32 GEMMs: accumulate d_hidden in K blocks
     d_hidden = torch.empty_like(hidden) if need_d_hidden else None
+    one_chunk = rows >= n
     d_weight = None
     if need_d_weight:
-        # One chunk: the GEMM writes d_weight once (fp32 accumulation inside cuBLAS).
+        # One chunk: the GEMM writes d_weight once (fp32 accumulation inside the GEMM).
         # Several: partial products add up in fp32, then one rounding to the input dtype.
-        d_weight = torch.empty_like(weight) if rows >= n else torch.zeros((v, h), **f32)
-    for r0 in range(0, n, rows):
+        d_weight = torch.empty_like(weight) if one_chunk else torch.empty((v, h), **f32)
+    main = torch.cuda.current_stream(hidden.device) if overlap else None
+    side = torch.cuda.Stream(hidden.device) if overlap else None
+    freed = [None] * n_buffers  # per buffer: the event after the side stream's last read of its dz
+
+    for k, r0 in enumerate(range(0, n, rows)):
         c = min(rows, n - r0)
-        z = workspace[:c]
+        b = k % n_buffers
+        z, dz = logits[b][:c], dzs[b][:c]
         h_chunk = hidden[r0:r0 + c]
-        torch.mm(h_chunk, weight.t(), out=z)
-        _policy_rows_kernel[(c,)](
-            z, targets[r0:r0 + c], coeffs[r0:r0 + c], ecoeffs[r0:r0 + c], logp[r0:r0 + c], entropy[r0:r0 + c],
-            z.stride(0), inv_temp,
-            V=v, NEED_GRAD=need_grad, WITH_ENTROPY_GRAD=with_entropy_grad, BLOCK_V=ROW_BLOCK_V,
-            num_warps=ROW_WARPS,
-        )
+        if freed[b] is not None:
+            main.wait_event(freed[b])  # the d_weight GEMM two chunks back still reads this dz
+        _mm_fp32(h_chunk, weight.t(), z)
+        _launch_rows(z, dz if need_grad else None, targets[r0:r0 + c], coeffs[r0:r0 + c],
+                     ecoeffs[r0:r0 + c] if with_entropy_grad else None, logp[r0:r0 + c], entropy[r0:r0 + c],
+                     inv_temp, need_grad, with_entropy_grad)
         if need_d_hidden:
             out = d_hidden[r0:r0 + c]
             if exact:
                 out.zero_()
-                _add_matmul(out, z, weight)
+                _add_matmul(out, dz, weight)
             else:
-                torch.mm(z, weight, out=out)
+                torch.mm(dz, weight, out=out)
         if need_d_weight:
-            if rows >= n:
-                torch.mm(z.t(), h_chunk, out=d_weight)
+            if overlap:
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    _accumulate_d_weight(d_weight, dz, h_chunk, first=k == 0, exact=exact)
+                freed[b] = side.record_event()
+            elif one_chunk:
+                torch.mm(dz.t(), h_chunk, out=d_weight)
             else:
-                _add_matmul(d_weight, z.t(), h_chunk)
+                _accumulate_d_weight(d_weight, dz, h_chunk, first=k == 0, exact=exact)
+    if overlap:
+        main.wait_stream(side)
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return logp, entropy, d_hidden, d_weight
 
+
+def _accumulate_d_weight(acc: torch.Tensor, dz: torch.Tensor, h_chunk: torch.Tensor, *, first: bool,
+                         exact: bool) -> None:
+    """acc (fp32) (+)= dz.T @ h_chunk: the first chunk writes acc (no zero-fill), the
+    others add."""
+    if first and not exact:
+        _mm_fp32(dz.t(), h_chunk, acc)
+    else:
+        if first:
+            acc.zero_()
+        _add_matmul(acc, dz.t(), h_chunk)

@@ -142,13 +142,17 @@ def _forward_jit(
     h_ptr, w_ptr, tgt_ptr,                  # hidden [N, H], weight [V, H], targets [N]
     m_ptr, s_ptr, t_ptr, tlogit_ptr,        # partial stats [N, S]; target logit [N]
     N, V, H: tl.constexpr, stride_h, stride_w, inv_temp,
-    V_PER_SPLIT: tl.constexpr,
+    V_PER_SPLIT: tl.constexpr, N_SPLITS,
     WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    # The split varies fastest: the programs resident at once share few row blocks, so
+    # their rows of hidden stay in L2 while every split streams its own slice of the
+    # weight (row blocks fastest re-read all of hidden from HBM for every weight tile).
+    pid = tl.program_id(0)
+    pid_n = pid // N_SPLITS
+    split = pid % N_SPLITS
+    n_splits = N_SPLITS
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -194,11 +198,20 @@ def _logits_grad_jit(
     dz_ptr,                                                 # out: [N, V_COUNT] workspace
     N, V, H: tl.constexpr, stride_h, stride_w, stride_dz, inv_temp,
     v_start, V_COUNT,
-    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped order (1-D grid): GROUP_N row blocks vary fastest, then the vocabulary
+    # block, so the programs resident at once share GROUP_N row blocks of hidden and a
+    # few weight tiles, both L2-sized, instead of sweeping every row block per tile.
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    blocks_v = tl.cdiv(V_COUNT, BLOCK_V)
+    per_group = GROUP_N * blocks_v
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(blocks_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -237,24 +250,39 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_properties(device_index: int) -> tuple[int, int]:
+    """(multiprocessors, L2 bytes) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, getattr(props, "L2_cache_size", 50 * 2**20)
 
 
-def vocab_splits(n: int, v: int, sm_count: int) -> tuple[int, int]:
-    """(vocabulary columns per split, number of splits) so the forward's grid fills
-    sm_count multiprocessors (the compile check calls it with a Hopper's count)."""
-    row_blocks = triton.cdiv(n, 64)
-    want = triton.cdiv(2 * sm_count, row_blocks)
-    splits = max(1, min(want, triton.cdiv(v, _SPLIT_ALIGN)))
+# Row blocks of the forward grouped together in the backward's launch order.
+GROUP_N = 8
+# Largest BLOCK_N of the forward's configs: the split count is planned for it.
+_PLAN_BLOCK_N = 128
+
+
+def vocab_splits(n: int, v: int, sm_count: int, h: int = 4096, element_size: int = 2,
+                 l2_bytes: int = 50 * 2**20) -> tuple[int, int]:
+    """(vocabulary columns per split, number of splits) for the forward: enough splits
+    that the grid fills sm_count multiprocessors twice over, and that the row blocks the
+    resident programs share (splits vary fastest) keep their rows of hidden within half
+    the L2 (the compile check calls it with a Hopper's numbers)."""
+    row_blocks = triton.cdiv(n, _PLAN_BLOCK_N)
+    resident = 2 * sm_count
+    fill = triton.cdiv(resident, row_blocks)
+    rows_in_l2 = max(1, (l2_bytes // 2) // (_PLAN_BLOCK_N * h * element_size))
+    reuse = triton.cdiv(resident, rows_in_l2) if row_blocks > rows_in_l2 else 1
+    splits = max(1, min(max(fill, reuse), triton.cdiv(v, _SPLIT_ALIGN)))
     per_split = triton.cdiv(triton.cdiv(v, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     return per_split, triton.cdiv(v, per_split)
 
 
-def _split_vocab(n: int, v: int, device: torch.device) -> tuple[int, int]:
+def _split_vocab(n: int, v: int, h: int, element_size: int, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return v, 1
-    return vocab_splits(n, v, _sm_count(device.index or 0))
+    props = _device_properties(device.index or 0)
+    return vocab_splits(n, v, props[0], h, element_size, props[1])
 
 
 def backward_chunk(n: int, v: int, element_size: int) -> int:
@@ -283,17 +311,17 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
     v = weight.shape[0]
     hidden = hidden.contiguous()
     weight = weight.contiguous()
-    per_split, splits = _split_vocab(n, v, hidden.device)
+    per_split, splits = _split_vocab(n, v, h, hidden.element_size(), hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m = torch.empty((n, splits), **f32)
     s = torch.empty((n, splits), **f32)
     t = torch.empty((n, splits), **f32) if with_entropy else m
     tlogit = torch.empty(n, **f32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
     kernel = _forward_kernel_fp32 if hidden.dtype == torch.float32 else _forward_kernel
     kernel[grid](
         hidden, weight, targets, m, s, t, tlogit,
-        n, v, h, hidden.stride(0), weight.stride(0), inv_temp, per_split,
+        n, v, h, hidden.stride(0), weight.stride(0), inv_temp, per_split, splits,
         WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
         **_interpreter_meta(kernel_configs("forward", hidden.dtype)),
     )
@@ -302,17 +330,32 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
 
 
 @functools.lru_cache(maxsize=None)
-def _mm_out_dtype_works(device_type: str) -> bool:
-    """Whether this torch accumulates a low-precision GEMM straight into an fp32 output
-    (`addmm(..., out_dtype=, out=acc)`, CUDA in recent torch); probed once, in the exact
-    form used below, with a result check."""
+def _out_dtype_works(device_type: str, accumulate: bool) -> bool:
+    """Whether this torch runs a bf16 GEMM into an fp32 output without rounding to bf16
+    (`mm` / `addmm` with `out_dtype=float32, out=`: CUDA in recent torch); probed once
+    per form, in the exact form used below, with a result check."""
     a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
     acc = torch.ones(2, 2, device=device_type)
     try:
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        if accumulate:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        else:
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return bool((acc == 3).all())
+    return bool((acc == (3 if accumulate else 2)).all())
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32) = a @ b with fp32 accumulation and no rounding to a's dtype. Without
+    out_dtype support (the CPU) the operands are upcast: products of bf16 or fp16 values
+    are exact in fp32, so this is the same fp32-accumulated GEMM."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    elif _out_dtype_works(a.device.type, False):
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
 # Reduction length of one fp32 GEMM before its partial product is added to the result.
@@ -333,7 +376,7 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         else:
             for k0 in range(0, a.shape[1], _K_BLOCK):
                 acc.add_(a[:, k0:k0 + _K_BLOCK] @ b[k0:k0 + _K_BLOCK])
-    elif _mm_out_dtype_works(acc.device.type):
+    elif _out_dtype_works(acc.device.type, True):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.add_(a @ b)
@@ -358,12 +401,12 @@ def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, inv
     for v_start in range(0, v, chunk):
         count = min(chunk, v - v_start)
         dz = workspace[:, :count]
-        grid = lambda meta, count=count: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(count, meta["BLOCK_V"]))  # noqa: E731
+        grid = lambda meta, count=count: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(count, meta["BLOCK_V"]),)  # noqa: E731
         kernel[grid](
             hidden, weight, targets, lse, ent_arg, grad_logp, ge_arg, workspace,
             n, v, h, hidden.stride(0), weight.stride(0), workspace.stride(0), inv_temp,
             v_start, count,
-            WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
+            WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype), GROUP_N=GROUP_N,
             **_interpreter_meta(kernel_configs("logits_grad", hidden.dtype)),
         )
         torch.mm(dz.t(), hidden, out=d_weight[v_start:v_start + count])
