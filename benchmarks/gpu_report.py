@@ -4,6 +4,7 @@ into one summary table on stdout and a results pair <date>-<device>.json / .md.
     python benchmarks/gpu_report.py OUT_DIR                      # -> benchmarks/results/
     python benchmarks/gpu_report.py OUT_DIR --results-dir DIR
     python benchmarks/gpu_report.py OUT_DIR --summary-only       # the table, no files
+    python benchmarks/gpu_report.py OUT_DIR --require-ok a_build,c_lm_head  # exit 1 unless those are "ok"
 
 The JSON holds device, date, torch, Triton and CUDA, `results` (the measured records,
 in the format of `pyvf bench --output`) and `stages` (each stage file as written,
@@ -19,7 +20,8 @@ import os
 import re
 import sys
 
-STAGES = (("a_build", "a. build"), ("b_tests", "b. GPU tests"), ("c_lm_head", "c. lm_head"),
+# In the order gpu_check.sh runs them: the lm_head benchmarks before the GPU tests.
+STAGES = (("a_build", "a. build"), ("c_lm_head", "c. lm_head"), ("b_tests", "b. GPU tests"),
           ("d_advantages", "d. grouped_advantages"), ("e_train_step", "e. training step"))
 
 
@@ -148,6 +150,8 @@ def _advantages_md(s: dict) -> list[str]:
         us = f"{r['ms'] * 1e3:.1f}" if r.get("ms") is not None else r.get("status")
         peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else ""
         lines.append(f"| {r['op']} | {r['impl']} | {r['n']} | {us} | {r.get('gb_per_s') or ''} | {peak} |")
+    if s.get("timing"):
+        lines.append(f"- timing: {s['timing']}")
     return lines + [""]
 
 
@@ -194,10 +198,10 @@ def write_results(stages: dict[str, dict], results_dir: str) -> list[str]:
           f"torch {env.get('torch')}, Triton {env.get('triton')}, CUDA {env.get('cuda')}. "
           "Command: `bash benchmarks/gpu_check.sh OUT`, then `python benchmarks/gpu_report.py OUT`.", "",
           summary_table(stages), ""]
-    if "b_tests" in stages:
-        md += _tests_md(stages["b_tests"])
     if "c_lm_head" in stages:
         md += _lm_head_md(stages["c_lm_head"])
+    if "b_tests" in stages:
+        md += _tests_md(stages["b_tests"])
     if "d_advantages" in stages:
         md += _advantages_md(stages["d_advantages"])
     if "e_train_step" in stages:
@@ -212,6 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", help="the OUT folder gpu_check.sh wrote")
     parser.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--require-ok", default="", metavar="STAGES",
+                        help="comma-separated stage names (a_build, ...); exit 1 unless each has status ok")
     args = parser.parse_args(argv)
     stages = load_stages(args.out_dir)
     if not stages:
@@ -220,6 +226,18 @@ def main(argv=None) -> int:
     print(summary_table(stages))
     if not args.summary_only:
         print("gpu_report: wrote " + ", ".join(write_results(stages, args.results_dir)))
+    known = {name for name, _ in STAGES}
+    required = [name for name in args.require_ok.split(",") if name]
+    unknown = [name for name in required if name not in known]
+    if unknown:
+        print(f"gpu_report: --require-ok names no stage: {', '.join(unknown)} (stages: {', '.join(sorted(known))})",
+              file=sys.stderr)
+        return 2
+    not_ok = [f"{name} {stages[name].get('status')}" if name in stages else f"{name} missing"
+              for name in required if stages.get(name, {}).get("status") != "ok"]
+    if not_ok:
+        print(f"gpu_report: stages not ok: {', '.join(not_ok)}", file=sys.stderr)
+        return 1
     return 0
 
 

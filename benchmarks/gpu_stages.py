@@ -11,17 +11,25 @@ still leaves what it finished (the shell script then marks the file "timeout").
 
 --small runs the same code at tiny shapes (any device; the CPU when there is no GPU),
 which is how the plumbing is tested without a GPU. Each file holds: stage, status
-("running", "ok", "failed", "timeout"), seconds, env (device, date, torch, Triton,
-CUDA), and the stage's own fields (records, failures, notes).
+("running", "ok", "failed", "timeout", "skipped"), seconds, env (device, date, torch,
+Triton, CUDA), and the stage's own fields (records, failures, notes).
+
+Temporary files go to $PYVF_GPU_TMPDIR (gpu_check.sh points it outside OUT), never
+beside the stage files: a device call brings back at most 8 files, and a stage killed
+between writing a temporary and renaming it would leave a ninth.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -41,6 +49,10 @@ QUACK_NOTE = ("QuACK needs nvidia-cutlass-dsl-libs-cu12 or -cu13 (each an 88 MiB
 
 ADVANTAGE_SIZES = (10**4, 10**5, 10**6, 4 * 10**6, 16 * 10**6)
 SMALL_ADVANTAGE_SIZES = (10**4, 10**5)
+# Bytes written before each timed call so that no input is still in L2 (the H200's is
+# 60 MB; 16e6 fp32 rewards are 64 MB), and long enough (~0.1 ms on the GPU) that the
+# host's launch of the next call overlaps it instead of being timed.
+L2_FLUSH_BYTES = 256 * 2**20
 
 # (shape, sequences, tokens per sequence) of the step benchmark; (shape, start, limit)
 # of the longest-completion search (one sequence, lengths doubling).
@@ -51,9 +63,57 @@ SMALL_LONGEST_SEARCH = {"tiny": (64, 256)}
 TRAIN_IMPLS = ("pyvf", "full-logits")
 
 
+def _kept_copy(path: str) -> str:
+    """Where write_json keeps the last complete version of `path`: $PYVF_GPU_TMPDIR (a
+    fresh folder per gpu_check.sh run), else a folder of the system's temporary folder
+    named after path's folder, so that two OUT folders never share kept copies."""
+    folder = os.environ.get("PYVF_GPU_TMPDIR")
+    if not folder:
+        tag = hashlib.sha1(os.path.dirname(os.path.abspath(path)).encode()).hexdigest()[:12]
+        folder = os.path.join(tempfile.gettempdir(), f"pyvf-gpu-stages-{tag}")
+    return os.path.join(folder, os.path.basename(path))
+
+
+def write_json(path: str, data: dict) -> None:
+    """Writes `path` whole without ever leaving a temporary file in its folder.
+
+    The JSON goes to a temporary file in the temporary folder, renamed there over the
+    kept copy (atomic: that copy is always a complete file), then copied over `path`:
+    OUT may be on another filesystem, where no rename reaches it. A kill during that
+    copy leaves `path` cut short; `mark` then restores it from the kept copy."""
+    kept = _kept_copy(path)
+    os.makedirs(os.path.dirname(kept), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(kept), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, kept)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if os.path.abspath(kept) != os.path.abspath(path):
+        shutil.copyfile(kept, path)
+
+
+def read_json(path: str) -> dict | None:
+    """The stage file at `path`; its kept copy when a kill cut `path` short (the copy
+    is never older: write_json renames it into place before copying); None when there
+    is no complete file (a missing `path` means the stage never wrote one)."""
+    if not os.path.exists(path):
+        return None
+    for candidate in (path, _kept_copy(path)):
+        try:
+            with open(candidate) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class StageFile:
-    """One stage's JSON, rewritten whole (through a temporary file and a rename, so a
-    kill never leaves half a file) each time something is added."""
+    """One stage's JSON, rewritten whole each time something is added (write_json: no
+    temporary file beside it; a copy a kill cuts short is restored by `mark`)."""
 
     def __init__(self, path: str, stage: str, device=None):
         self.path = path
@@ -66,19 +126,17 @@ class StageFile:
         self.save()
 
     @classmethod
-    def load(cls, path: str) -> "StageFile":
+    def load(cls, path: str) -> "StageFile | None":
+        data = read_json(path)
+        if data is None:
+            return None
         self = cls.__new__(cls)
-        self.path, self.start = path, time.time()
-        with open(path) as f:
-            self.data = json.load(f)
+        self.path, self.start, self.data = path, time.time(), data
         return self
 
     def save(self) -> None:
         self.data["seconds"] = round(time.time() - self.start, 1)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=2, default=str)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
     def add(self, key: str, item) -> None:
         self.data.setdefault(key, []).append(item)
@@ -220,28 +278,50 @@ def stage_tests(args) -> int:
 # --- c: lm_head -------------------------------------------------------------------------
 
 def stage_lm_head(args) -> int:
+    """pyvf.bench.policy_loss's implementations on its inputs (logits of std ~3, as in
+    the tests), with what those logits are."""
     import torch
 
+    from pyvf.bench import dtype_name
     from pyvf.bench.policy_loss import bench_policy_loss
+    from pyvf.bench.token_logprobs import LOGIT_STD, lm_head_inputs
 
     device = _device(args.small)
     n, h, v = SMALL_LM_HEAD if args.small else HEADLINE
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = StageFile(args.json, "c_lm_head", device)
-    out.data.update(shape=dict(n=n, h=h, v=v, dtype=str(dtype).replace("torch.", "")),
-                    flops_counted="6NHV", notes=[])
+    hidden, weight, _ = lm_head_inputs(n, h, v, dtype, device)
+    with torch.no_grad():
+        rows = hidden[:256].float() @ weight.float().t()
+        logit_std = float(rows.std())
+        # What Cut Cross-Entropy's default filter would skip on these logits: 128 x 128
+        # blocks of the gradient whose softmax probabilities are all below 2^-12 (its
+        # threshold for bf16, finfo.eps / 32), the targets aside.
+        probs = torch.softmax(rows, dim=-1)
+        rb, vb = min(128, probs.shape[0]), 128
+        probs = probs[: probs.shape[0] // rb * rb, : probs.shape[1] // vb * vb]
+        blocks = (probs >= 2.0**-12).view(probs.shape[0] // rb, rb, probs.shape[1] // vb, vb)
+        filter_skips = 1.0 - float(blocks.any(dim=3).any(dim=1).float().mean())
+    del hidden, weight, rows, probs, blocks  # bench_policy_loss draws the same inputs again
+    out.data.update(shape=dict(n=n, h=h, v=v, dtype=dtype_name(dtype)), flops_counted="6NHV",
+                    logit_std=round(logit_std, 3), cce_filter_skips=round(filter_skips, 4),
+                    notes=[f"logits of std {logit_std:.2f} (hidden ~ N(0, 1), lm_head ~ N(0, {LOGIT_STD:g}^2 / H)), "
+                           "as in the tests; random targets",
+                           f"Cut Cross-Entropy's default filter would skip {100 * filter_skips:.0f}% of the "
+                           "128 x 128 gradient blocks (all probabilities below 2^-12; first 256 rows)"])
     out.save()
+    print(f"gpu_stages: lm_head N={n} H={h} V={v} {dtype_name(dtype)}, logit std {logit_std:.2f}", flush=True)
 
     def on_record(rec):
-        d = rec.to_json()
         print(f"gpu_stages: lm_head {rec.impl}: "
               + (f"{rec.ms:.2f} ms, {rec.tflops:.0f} TFLOP/s, peak {rec.peak_mem_bytes / 2**30:.2f} GiB"
                  if rec.ms is not None and rec.peak_mem_bytes is not None
                  else f"{rec.ms:.2f} ms" if rec.ms is not None else rec.status), flush=True)
         if rec.impl == "quack-lce" and rec.status.startswith("skipped"):
             out.data["notes"].append(QUACK_NOTE)
-        out.add("records", d)
+        out.add("records", rec.to_json())
 
+    # One warm-up call: the first compiles (Triton autotunes every config then).
     bench_policy_loss(n, h, v, dtype, device, impls=list(args.impls or LM_HEAD_IMPLS), repeats=5, warmup=1,
                       on_record=on_record)
     out.finish("ok")
@@ -250,20 +330,80 @@ def stage_lm_head(args) -> int:
 
 # --- d: grouped_advantages ----------------------------------------------------------------
 
+def device_time_ms(fn, device, repeats: int = 100, warmup: int = 5) -> float:
+    """Median time of one fn() call in milliseconds. On a GPU, CUDA events recorded
+    around each call, after a write of L2_FLUSH_BYTES (cold L2; the host's launch
+    overhead hidden behind the flush): the kernels take microseconds, which a host
+    clock with a synchronize per call cannot resolve. On the CPU (the dry run) the host
+    clock, as pyvf.bench.time_ms."""
+    import torch
+
+    from pyvf.bench import time_ms
+
+    if device.type != "cuda":
+        return time_ms(fn, device, repeats=min(repeats, 20), warmup=2)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def advantage_cases(n: int, device, group_size: int = 8):
+    """(op, impl, fn) of pyvf.bench.advantages.bench_groups, timed here with device_time_ms."""
+    import torch
+
+    from pyvf.bench.advantages import composite_advantages
+    from pyvf.ops import grouped_advantages, segment_sum
+
+    rewards = torch.rand(n, device=device)
+    out = torch.empty_like(rewards)
+    cu = torch.arange(0, n + 1, 512, device=device)
+    if int(cu[-1]) != n:
+        cu = torch.cat([cu, torch.tensor([n], device=device)])
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff())
+    return [
+        ("grouped_advantages", "pyvf", lambda: grouped_advantages(rewards, group_size, estimator="grpo")),
+        ("grouped_advantages", "torch-composite", lambda: composite_advantages(rewards, group_size)),
+        ("grouped_advantages", "copy", lambda: out.copy_(rewards)),
+        ("segment_sum", "pyvf", lambda: segment_sum(rewards, cu)),
+        ("segment_sum", "torch-index_add",
+         lambda: torch.zeros(cu.numel() - 1, device=device).index_add_(0, seg, rewards)),
+    ]
+
+
 def stage_advantages(args) -> int:
-    from pyvf.bench.advantages import bench_groups
+    from pyvf.bench import Record, peak_memory_bytes
 
     device = _device(args.small)
     out = StageFile(args.json, "d_advantages", device)
+    out.data["timing"] = ("median of 100 calls, CUDA events around each, L2 flushed before each"
+                          if device.type == "cuda" else "median of 20 calls, host clock (no GPU)")
+    out.save()
     for n in SMALL_ADVANTAGE_SIZES if args.small else ADVANTAGE_SIZES:
-        for rec in bench_groups(n, device):
+        for op, impl, fn in advantage_cases(n, device):
+            rec = Record(op, impl, "fwd", n, 0, 0, "float32", None, None, None)
+            try:
+                rec.ms = device_time_ms(fn, device)
+                rec.peak_mem_bytes = peak_memory_bytes(fn, device)
+            except Exception as e:  # noqa: BLE001 - one failing case is a result; the others still run
+                rec.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             d = rec.to_json()
             # Bytes a pass must move: read the rewards (fp32) and write one value each,
             # for grouped_advantages and the copy; segment_sum reads B values only.
-            moved = (8 if rec.op == "grouped_advantages" else 4) * n
+            moved = (8 if op == "grouped_advantages" else 4) * n
             d["gb_per_s"] = round(moved / (rec.ms * 1e-3) / 1e9, 2) if rec.ms else None
             out.add("records", d)
-        line = ", ".join(f"{r['op']}/{r['impl']} {r['ms'] * 1e3:.1f} us" for r in out.data["records"][-5:])
+        line = ", ".join(f"{r['op']}/{r['impl']} " + (f"{r['ms'] * 1e3:.1f} us" if r["ms"] else r["status"])
+                         for r in out.data["records"][-5:])
         print(f"gpu_stages: B={n}: {line}", flush=True)
     out.finish("ok")
     return 0
@@ -327,21 +467,20 @@ def stage_train_step(args) -> int:
 # --- the shell script's bookkeeping -------------------------------------------------------------
 
 def stage_mark(args) -> int:
-    """Marks a stage's file after the shell script stopped it (or it died): keeps what
-    it holds, sets status; writes a stub when the stage never wrote its file."""
-    if os.path.exists(args.json):
-        out = StageFile.load(args.json)
-    else:
+    """Marks a stage's file after the shell script stopped it, skipped it or saw it die:
+    keeps what it holds (restored from the kept copy when the kill cut the file short),
+    sets status; writes a stub when the stage never wrote its file."""
+    out = StageFile.load(args.json)
+    if out is None:
         out = StageFile(args.json, args.stage or os.path.basename(args.json).rsplit(".", 1)[0])
     out.data["exit_code"] = args.rc
     out.data["seconds"] = args.seconds
     out.data["status"] = args.status
+    if args.reason:
+        out.data.setdefault("notes", []).append(args.reason)
     if args.log:
         out.data["log_tail"] = _tail(args.log, 25)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out.data, f, indent=2, default=str)
-    os.replace(tmp, args.json)
+    write_json(args.json, out.data)
     return 0
 
 
@@ -367,10 +506,11 @@ def main(argv=None) -> int:
                            help="seconds the whole stage may take; the longest-completion searches stop in time")
     p = sub.add_parser("mark")
     p.add_argument("json")
-    p.add_argument("--status", required=True, choices=("timeout", "failed"))
+    p.add_argument("--status", required=True, choices=("timeout", "failed", "skipped"))
     p.add_argument("--rc", type=int, required=True)
     p.add_argument("--seconds", type=float, default=0.0)
     p.add_argument("--log")
+    p.add_argument("--reason", help="a note saying why (a skipped stage)")
     p.add_argument("--name", dest="stage_name")
     args = parser.parse_args(argv)
     handlers = {"build": stage_build, "tests": stage_tests, "lm_head": stage_lm_head,

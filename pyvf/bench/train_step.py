@@ -85,6 +85,7 @@ def trainer_for(model, n_seq: int, seq_len: int, lm_head_pass: str, device: torc
                          prompts_per_step=max(n_seq // group, 1), max_new_tokens=max(seq_len - prompt_len, 8),
                          max_seq_len=seq_len + 4096, micro_batch_tokens=4 * n_seq * (seq_len + 64), lr=1e-6,
                          lm_head_pass=lm_head_pass, device=device.type, progress=False, plot=False,
+                         rollout_logprob_warn=float("inf"),  # the replayed log-probs are made up
                          output_dir=tempfile.mkdtemp(prefix="pyvf-bench-")))
     engine = ReplayEngine(tokenizer, cfg.max_new_tokens)
     return Trainer.build(cfg, engine=engine, model=model, tokenizer=tokenizer)
