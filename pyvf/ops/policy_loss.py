@@ -95,13 +95,21 @@ class PolicyLoss(torch.autograd.Function):
         # would be a pass over a [V, H] gradient for nothing (1.2 GB at a 151936 x 4096
         # bf16 lm_head). Reading the value on a GPU waits for the work queued before it,
         # which ends with this op's own forward: far cheaper than that pass.
-        if grad_loss.numel() == 1 and bool(grad_loss == 1):
+        if grad_loss.numel() == 1 and _can_read(grad_loss) and bool(grad_loss == 1):
             return d_hidden, d_weight, None, None, None, None, None, None, None
         if d_hidden is not None:
             d_hidden.mul_(grad_loss)
         if d_weight is not None:
             d_weight.mul_(grad_loss)
         return d_hidden, d_weight, None, None, None, None, None, None, None
+
+
+def _can_read(t: torch.Tensor) -> bool:
+    """Whether reading t's value is allowed here: not while a CUDA graph is captured or
+    torch.compile traces (where it would raise or break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _check_coeffs(name: str, c, n: int) -> None:

@@ -107,7 +107,7 @@ def test_many_chunks_on_two_streams_cuda(dtype):
 
     hidden, weight, targets = make_inputs(1000, 64, 3001, dtype, "cuda")
     coeffs, ecoeffs = torch.randn(1000, device="cuda"), torch.randn(1000, device="cuda")
-    workspace_mb = 2 * 64 * kernels.workspace_bytes_per_row(3001, dtype) / 2**20  # two buffers of 64 rows
+    workspace_mb = 64 * kernels.workspace_bytes_per_row(3001, dtype, overlap=True) / 2**20  # chunks of 64 rows
     loss, logp, entropy = policy_loss(hidden, weight, targets, coeffs, entropy_coeffs=ecoeffs,
                                       workspace_mb=workspace_mb)
     loss.backward()

@@ -25,8 +25,8 @@ inputs and gradients: the workspace (fp32 logits and, for bf16/fp16 inputs, dz i
 inputs' dtype: 6 bytes per logit, within `workspace_bytes`), an fp32 [V, H] accumulator
 for d_weight when more than one chunk is needed (one chunk writes d_weight directly),
 and O(N) statistics. On CUDA the d_weight GEMM of a chunk runs on a second stream,
-overlapped with the next chunk's logits GEMM and row kernel (two workspaces, each half
-the bound).
+overlapped with the chunk's d_hidden GEMM and the next chunk's logits GEMM and row
+kernel (two dz buffers within the same bound).
 
 `policy_rows_reference` is the row kernel's arithmetic in PyTorch: the tests check it
 against the kernel (fp32, fp16 under the interpreter), then run the whole chunk loop
@@ -35,6 +35,8 @@ with it on bf16 CPU tensors, which emulates what the GPU computes and stores in 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -136,23 +138,33 @@ def _launch_rows(z, dz, targets, coeffs, ecoeffs, logp, entropy, inv_temp, need_
 CHUNK_ALIGN = 128
 
 
-def workspace_bytes_per_row(v: int, dtype: torch.dtype) -> int:
-    """Workspace bytes one row costs: its fp32 logits, and for bf16/fp16 inputs its dz in
-    the inputs' dtype (fp32 dz overwrites the logits in place)."""
+def workspace_bytes_per_row(v: int, dtype: torch.dtype, overlap: bool = False) -> int:
+    """Workspace bytes one row of a chunk costs: its fp32 logits, and for bf16/fp16 inputs
+    its dz in the inputs' dtype (fp32 dz overwrites the logits in place). With `overlap`
+    (two streams) the buffers the side stream reads, the dz, are doubled."""
     element = torch.empty((), dtype=dtype).element_size()
-    return v * (4 + (0 if dtype == torch.float32 else element))
+    if dtype == torch.float32:
+        return v * 4 * (2 if overlap else 1)
+    return v * (4 + element * (2 if overlap else 1))
 
 
-def chunk_rows(n: int, v: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+def chunk_rows(n: int, v: int, dtype: torch.dtype, workspace_bytes: int, overlap: bool = False) -> int:
     """Rows per chunk: as few chunks as the workspace bound allows, of equal size,
     rounded up to CHUNK_ALIGN rows where that stays within the bound."""
-    bound = max(1, workspace_bytes // workspace_bytes_per_row(v, dtype))
+    bound = max(1, workspace_bytes // workspace_bytes_per_row(v, dtype, overlap))
     if bound >= n:
         return n
     chunks = -(-n // bound)
     rows = -(-n // chunks)
     aligned = -(-rows // CHUNK_ALIGN) * CHUNK_ALIGN
     return aligned if aligned <= bound else rows
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> "torch.cuda.Stream":
+    """One side stream per device for the d_weight GEMMs: a fresh pool stream per call
+    would leave cuBLAS a workspace cached per stream, up to 32 of them."""
+    return torch.cuda.Stream(device_index)
 
 
 def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coeffs: torch.Tensor,
@@ -174,13 +186,14 @@ def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coe
     in_place = hidden.dtype == torch.float32 or not need_grad  # dz overwrites the fp32 logits
 
     # On CUDA with several chunks, the d_weight GEMM of chunk k runs on a side stream
-    # while chunk k + 1 computes its logits and dz: two workspaces, each half the bound.
+    # while chunk k + 1 computes its logits, dz and d_hidden: the dz buffers (what the
+    # side stream reads) are doubled within the same bound.
     overlap = hidden.is_cuda and need_d_weight and chunk_rows(n, v, hidden.dtype, workspace_bytes) < n
-    rows = chunk_rows(n, v, hidden.dtype, workspace_bytes // 2 if overlap else workspace_bytes)
-    n_buffers = 2 if overlap else 1
-    logits = [torch.empty((rows, v), **f32) for _ in range(n_buffers)]
+    rows = chunk_rows(n, v, hidden.dtype, workspace_bytes, overlap)
+    n_dz = 2 if overlap else 1
+    logits = [torch.empty((rows, v), **f32) for _ in range(n_dz if in_place else 1)]
     dzs = logits if in_place else [torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
-                                   for _ in range(n_buffers)]
+                                   for _ in range(n_dz)]
     logp = torch.empty(n, **f32)
     entropy = torch.empty(n, **f32)
     exact = hidden.dtype == torch.float32  # fp32 GEMMs: accumulate d_hidden in K blocks
@@ -192,39 +205,44 @@ def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coe
         # Several: partial products add up in fp32, then one rounding to the input dtype.
         d_weight = torch.empty_like(weight) if one_chunk else torch.empty((v, h), **f32)
     main = torch.cuda.current_stream(hidden.device) if overlap else None
-    side = torch.cuda.Stream(hidden.device) if overlap else None
-    freed = [None] * n_buffers  # per buffer: the event after the side stream's last read of its dz
+    side = _side_stream(hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()) \
+        if overlap else None
+    freed = [None] * n_dz  # per dz buffer: the event after the side stream's last read of it
 
-    for k, r0 in enumerate(range(0, n, rows)):
-        c = min(rows, n - r0)
-        b = k % n_buffers
-        z, dz = logits[b][:c], dzs[b][:c]
-        h_chunk = hidden[r0:r0 + c]
-        if freed[b] is not None:
-            main.wait_event(freed[b])  # the d_weight GEMM two chunks back still reads this dz
-        _mm_fp32(h_chunk, weight.t(), z)
-        _launch_rows(z, dz if need_grad else None, targets[r0:r0 + c], coeffs[r0:r0 + c],
-                     ecoeffs[r0:r0 + c] if with_entropy_grad else None, logp[r0:r0 + c], entropy[r0:r0 + c],
-                     inv_temp, need_grad, with_entropy_grad)
-        if need_d_hidden:
-            out = d_hidden[r0:r0 + c]
-            if exact:
-                out.zero_()
-                _add_matmul(out, dz, weight)
-            else:
-                torch.mm(dz, weight, out=out)
-        if need_d_weight:
-            if overlap:
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
+    try:
+        for k, r0 in enumerate(range(0, n, rows)):
+            c = min(rows, n - r0)
+            b = k % n_dz
+            z, dz = logits[b % len(logits)][:c], dzs[b][:c]
+            h_chunk = hidden[r0:r0 + c]
+            if in_place and freed[b] is not None:
+                main.wait_event(freed[b])  # the logits GEMM overwrites the dz the side stream reads
+            _mm_fp32(h_chunk, weight.t(), z)
+            if not in_place and freed[b] is not None:
+                main.wait_event(freed[b])  # the d_weight GEMM two chunks back still reads this dz
+            _launch_rows(z, dz if need_grad else None, targets[r0:r0 + c], coeffs[r0:r0 + c],
+                         ecoeffs[r0:r0 + c] if with_entropy_grad else None, logp[r0:r0 + c], entropy[r0:r0 + c],
+                         inv_temp, need_grad, with_entropy_grad)
+            if need_d_weight:
+                if overlap:
+                    side.wait_event(main.record_event())  # dz is written
+                    with torch.cuda.stream(side):
+                        _accumulate_d_weight(d_weight, dz, h_chunk, first=k == 0, exact=exact)
+                    freed[b] = side.record_event()
+                elif one_chunk:
+                    torch.mm(dz.t(), h_chunk, out=d_weight)
+                else:
                     _accumulate_d_weight(d_weight, dz, h_chunk, first=k == 0, exact=exact)
-                freed[b] = side.record_event()
-            elif one_chunk:
-                torch.mm(dz.t(), h_chunk, out=d_weight)
-            else:
-                _accumulate_d_weight(d_weight, dz, h_chunk, first=k == 0, exact=exact)
-    if overlap:
-        main.wait_stream(side)
+            if need_d_hidden:
+                out = d_hidden[r0:r0 + c]
+                if exact:
+                    out.zero_()
+                    _add_matmul(out, dz, weight)
+                else:
+                    torch.mm(dz, weight, out=out)
+    finally:
+        if overlap:
+            main.wait_stream(side)  # before any buffer is freed, also when something raised
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return logp, entropy, d_hidden, d_weight
