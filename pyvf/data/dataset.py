@@ -69,12 +69,24 @@ SYNTHETIC_TRAIN_SEED = 1
 SYNTHETIC_EVAL_SEED = 2
 
 
+def synthetic_long_examples(n: int, seed: int) -> list[Example]:
+    """The synthetic questions with their whole worked solution as the one reference
+    (tens of tokens, ending with the final number: `long_reference`), a long-form answer
+    whose probability vanishes next to a number's."""
+    return [Example(p.question, (long_reference(p),), (1.0,)) for p in synthetic.generate(n, seed=seed)]
+
+
+def long_reference(problem: "synthetic.Problem") -> str:
+    return f"{problem.solution} The answer is {problem.answers[0]}."
+
+
 def load(spec: str, *, n_synthetic: int = 5000, split: str = "train") -> list[Example]:
-    """`spec` is "synthetic" (the built-in arithmetic task), "openended" (the built-in
-    story task, no reference answers: pyvf.data.openended) or a path to a JSONL file."""
-    if spec == "synthetic":
+    """`spec` is "synthetic" (the built-in arithmetic task), "synthetic-long" (the same
+    questions, the worked solution as the reference), "openended" (the built-in story
+    task, no reference answers: pyvf.data.openended) or a path to a JSONL file."""
+    if spec in ("synthetic", "synthetic-long"):
         seed = SYNTHETIC_TRAIN_SEED if split == "train" else SYNTHETIC_EVAL_SEED
-        return synthetic_examples(n_synthetic, seed)
+        return (synthetic_examples if spec == "synthetic" else synthetic_long_examples)(n_synthetic, seed)
     if spec == "openended":
         return openended.examples(n_synthetic, openended.TRAIN_SEED if split == "train" else openended.EVAL_SEED)
     return load_jsonl(spec)

@@ -15,6 +15,7 @@ from pyvf.objectives.base import Objective, Sample, StepContext, TrainSequences
 
 _REGISTRY: dict[str, type[Objective] | str] = {
     "verifree": "pyvf.objectives.verifree:VeriFree",
+    "jepo": "pyvf.objectives.verifree:JEPO",
     "rlpr": "pyvf.objectives.rlpr:RLPR",
     "nover": "pyvf.objectives.nover:NOVER",
     "verifier": "pyvf.objectives.verifier:VerifierBaseline",

@@ -139,6 +139,10 @@ class PCLConfig(ObjectiveConfig):
                            choices=LOSS_AGGREGATIONS)
     pcl_accuracy: str = option("verifier", "the accuracy target: verifier (the rule checker) or verifree "
                                "(pi(y*|x,z) of the reference after the reasoning)", choices=("verifier", "verifree"))
+    pcl_reward_form: str = option("prob", "with pcl_accuracy verifree: the reference's probability (prob) or its "
+                                  "mean per-token probability (mean_prob); the log forms do not apply, the "
+                                  "accuracy being a probability the self-evaluation predicts",
+                                  choices=("prob", "mean_prob"))
     pcl_sft_answer: float = option(0.1, "SFT weight on the reasoning and answer of correct samples", minimum=0)
     pcl_sft_evaluation: float = option(0.1, "SFT weight on the evaluation written from the true rewards",
                                        minimum=0)
@@ -192,7 +196,8 @@ class PCL(Objective):
             return verifree_scores(ctx.policy, self.tokenizer, [s.prompt_ids for s in samples], answer_ids,
                                    [s.example.answers for s in samples], [s.example.weights for s in samples],
                                    temperature=ctx.temperature, device=ctx.device, marker=cfg.marker, answer_template=cfg.answer_template,
-                                   max_seq_len=cfg.max_seq_len or None, token_budget=cfg.micro_batch_tokens)
+                                   max_seq_len=cfg.max_seq_len or None, token_budget=cfg.micro_batch_tokens,
+                                   reward_form=self.config.pcl_reward_form)
 
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
         return verifier_rewards(texts, [list(s.example.answers) for s in samples])

@@ -30,8 +30,9 @@ log = logging.getLogger("pyvf")
 class TrainConfig:
     # what to train (changing one of these on --resume makes it another run: IDENTITY)
     model: str = option("builtin", "builtin (the shipped tiny model), a Hugging Face model directory or a run")
-    data: str = option("synthetic", "synthetic, openended or a JSONL file with question/answer rows")
-    objective: str = option("verifree", "verifree rlpr nover verifier pcl rzero selfrubric, or module:Class")
+    data: str = option("synthetic", "synthetic, synthetic-long (the worked solution as the reference), openended "
+                                    "or a JSONL file with question/answer rows")
+    objective: str = option("verifree", "verifree jepo rlpr nover verifier pcl rzero selfrubric, or module:Class")
     output_dir: str = option("runs/pyvf", "where checkpoints, metrics.jsonl and the plot go")
     seed: int = option(0, "seeds the data order, the sampling and the initialization")
 

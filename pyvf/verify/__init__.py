@@ -17,7 +17,7 @@ and any added with `register_verifier`. A spec is one name or a sum of terms joi
 give `Weighted`. The keyword arguments (`context`) go to every named verifier, each
 taking what it needs: `backend` (rule, majority), `rubric`, `rate`, `rating_prompt`
 (self_rubric), `model` or `policy`, `tokenizer`, `marker`, `answer_template`,
-`temperature`, `max_seq_len`, `token_budget`, `prompt_special_tokens` (verifree).
+`temperature`, `max_seq_len`, `token_budget`, `prompt_special_tokens`, `reward_form` (verifree).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _REGISTRY: dict[str, Callable[..., Verifier]] = {
     "selfrubric": _self_rubric,
     "verifree": lambda **c: VerifreeVerifier(**_only(c, (
         "model", "tokenizer", "policy", "marker", "answer_template", "temperature", "max_seq_len", "token_budget",
-        "prompt_special_tokens"))),
+        "prompt_special_tokens", "reward_form"))),
 }
 
 # "+" joins terms, except in a number's exponent (1e+3).

@@ -396,3 +396,43 @@ def test_verifree_trains_a_peft_adapter(tmp_path):
     # B starts at zero, so the first step moves B only (the gradient of A is proportional to B);
     # 40 tokens let the built-in model reach the marker, so the rewards are not all 0.
     assert all(not torch.equal(p, lora_b[n]) for n, p in trainer.model.named_parameters() if n in lora_b)
+
+
+def test_verifree_logprob_form_scores_every_completion(tmp_path):
+    """reward_form="logprob": a completion without the marker gets the reference too, and
+    the trainer's loss and gradient are pyvf's verifree_loss in that form."""
+    from pyvf.verify.verifree import splice_answers
+
+    ds, probs = problems_dataset(8)
+    trainer = VeriFreeTrainer(shipped_model(), args=grpo_args(tmp_path), train_dataset=ds,
+                              processing_class=load_tokenizer(), reward_form="logprob")
+    tok = trainer.processing_class
+    prompts, completions, refs = _fixed_completions(tok, probs)
+    inputs = trainer._splice(prompts, completions, refs, torch.device("cpu"))
+    assert inputs["found"].tolist() == [True, True, True, True]
+    inputs["group"] = torch.tensor([0, 0, 1, 1])
+    trainer.model.eval()
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    grad = trainer.model.get_output_embeddings().weight.grad.clone()
+
+    seqs, completion, weights = [], [], []
+    for i, (p, c, r) in enumerate(zip(prompts, completions, refs)):
+        spliced, _ = splice_answers(tok, c, r, marker=trainer.marker, answer_template=trainer.answer_template,
+                                    every=True)
+        for sp in spliced:
+            seqs.append(Sequence(p, sp.reasoning_ids, sp.answer_ids, group=i // 2))
+            completion.append(i)
+            weights.append(1.0 / len(spliced))
+    batch = pack(seqs)
+    trainer.model.zero_grad()
+    logp = Policy(trainer.model)(batch)
+    ref = verifree_loss(logp, batch.roles, batch.cu_seqlens, batch.groups, completion=torch.tensor(completion),
+                        weights=torch.tensor(weights), reward_form="logprob")
+    ref.loss.backward()
+    ref_grad = trainer.model.get_output_embeddings().weight.grad.clone()
+    trainer.model.train()
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * max(1.0, abs(ref.loss.item()))
+    assert rel_err(grad, ref_grad) < 1e-5
+    assert bool((ref.rewards < 0).all())  # log-probabilities, the no-marker completion's included

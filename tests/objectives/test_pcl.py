@@ -110,12 +110,14 @@ def test_rewards_accuracy_format_consistency():
     assert ctx.metrics["pcl_parsed_frac"][:2] == (3.0, 4.0)
 
 
-def test_verifree_accuracy_is_the_reference_probability():
-    """pcl_accuracy verifree: the accuracy reward is sum_k w_k pi(y*_k | x, z) of the answer part."""
+@pytest.mark.parametrize("form", ["prob", "mean_prob"])
+def test_verifree_accuracy_is_the_reference_probability(form):
+    """pcl_accuracy verifree: the accuracy reward is sum_k w_k pi(y*_k | x, z) of the
+    answer part (mean_prob: the mean per-token probability of the reference)."""
     from pyvf.verify.verifree import verifree_scores
 
     policy, tok = tiny_policy()
-    cfg = config(objective="pcl", pcl_accuracy="verifree")
+    cfg = config(objective="pcl", pcl_accuracy="verifree", pcl_reward_form=form)
     obj = PCL(cfg, tok)
     samples = pcl_samples(tok, POSTS)
     ctx = context(policy)
@@ -124,7 +126,7 @@ def test_verifree_accuracy_is_the_reference_probability():
     want = verifree_scores(policy, tok, [s.prompt_ids for s in samples], [s.ids[:s.answer_end] for s in samples],
                            [s.example.answers for s in samples], [s.example.weights for s in samples],
                            temperature=ctx.temperature, device=ctx.device, marker=cfg.marker, answer_template=cfg.answer_template, max_seq_len=cfg.max_seq_len,
-                           token_budget=cfg.micro_batch_tokens)
+                           token_budget=cfg.micro_batch_tokens, reward_form=form)
     assert acc == pytest.approx(want.tolist())
     assert 0 < acc[1] < acc[0] < 1  # the skipped step makes the reference less likely
 

@@ -232,3 +232,113 @@ def test_sequences_cut_and_references():
             assert tok.decode(seq.answer_ids).strip().startswith("> \\boxed{")
     # Only the first copy of a completion counts sampled tokens (for rollout_logprob_diff).
     assert [p > 0 for p in ts.sampled_prefix] == [True, False, True, False, True, True, False] * 2
+
+
+# --- reward forms and JEPO ------------------------------------------------------------------
+
+from pyvf.objectives.verifree import JEPO  # noqa: E402
+
+
+def _per_sequence(logprobs, batch, ts, role):
+    """[(completion, sequence's rows of `role` as a differentiable 1-D tensor)] per packed sequence."""
+    starts = batch.cu_seqlens.tolist()
+    out = []
+    for b, i in enumerate(ts.owner):
+        rows = slice(starts[b], starts[b + 1])
+        out.append(logprobs[rows][batch.roles[rows] == role])
+    return out
+
+
+def _written_out_reward(form, answer):
+    """The reward of one reference from its answer rows' log-probs, differentiable, by its definition."""
+    if answer.numel() == 0:
+        return torch.zeros((), dtype=answer.dtype)
+    return {"prob": lambda a: a.sum().exp(), "logprob": lambda a: a.sum(),
+            "mean_logprob": lambda a: a.mean(), "mean_prob": lambda a: a.exp().mean()}[form](answer)
+
+
+@pytest.mark.parametrize("form", ["prob", "logprob", "mean_logprob", "mean_prob"])
+@pytest.mark.parametrize("reward_pass", ["fused", "separate"])
+def test_reward_forms_give_the_gradient_of_the_objective_written_out(form, reward_pass):
+    """For each reward form R of the reference: the trainer's gradient equals autograd
+    through loss = sum_i [-A_i sum_{t in z_i} log pi(t) - sum_k w_k R_ik] / n, with A_i the
+    RLOO advantage of the detached R_i; so the answer rows get -w_k dR_ik / d log pi(t)."""
+    policy, tok = tiny_policy("autograd")
+    samples = make_samples(tok)
+    cfg = config(reward_form=form, reward_pass=reward_pass)
+    objective = VeriFree(cfg, tok)
+    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, context(policy))
+    got = grads(policy)
+
+    policy.zero_grad(set_to_none=True)
+    ts = objective.sequences(samples)
+    batch = pack(ts.sequences)
+    logprobs = policy(batch).double()
+    answers = _per_sequence(logprobs, batch, ts, ROLE_ANSWER)
+    reasoning = _per_sequence(logprobs, batch, ts, ROLE_REASONING)
+    n = len(samples)
+    reward = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
+    reasoning_sum = [None] * n
+    for b, i in enumerate(ts.owner):
+        reward[i] = reward[i] + ts.data["weight"][b] * _written_out_reward(form, answers[b])
+        if ts.data["first_copy"][b]:
+            reasoning_sum[i] = reasoning[b].sum()
+    r = torch.stack(reward).detach()
+    groups = torch.tensor([s.group for s in samples])
+    adv = torch.stack([r[i] - r[(groups == groups[i]) & (torch.arange(n) != i)].mean() for i in range(n)])
+    loss = sum(-adv[i] * reasoning_sum[i] - reward[i] for i in range(n)) / n
+    loss.backward()
+    want = grads(policy)
+    assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 1e-5
+    assert sums["objective"]["reward_mean"][0] == pytest.approx(float(r.sum()), rel=1e-5)
+    # The log forms score every completion (the truncated one without a marker too).
+    found = sums["objective"]["rewarded_frac"][0]
+    assert found == (n if form in ("logprob", "mean_logprob") else n - 2)
+
+
+@pytest.mark.parametrize("reward_pass", ["fused", "separate"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_jepo_gradient_equals_the_bound_written_out(reward_pass, normalize):
+    """JEPO: per group, L = log (1/G) sum_i p_i with p_i = sum_k w_k pi(y*_k | x, z_i);
+    A_i = L - log (1/(G-1)) sum_{j != i} p_j (clip(A / std, -1, 1) with jepo_normalize);
+    the gradient is that of sum_g [-sum_i A_i log pi(z_i) - L_g] / n."""
+    policy, tok = tiny_policy("autograd")
+    samples = make_samples(tok)
+    cfg = config(objective="jepo", reward_pass=reward_pass, jepo_normalize=normalize)
+    objective = JEPO(cfg, tok)
+    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, context(policy))
+    got = grads(policy)
+
+    policy.zero_grad(set_to_none=True)
+    ts = objective.sequences(samples)
+    batch = pack(ts.sequences)
+    logprobs = policy(batch).double()
+    answers = _per_sequence(logprobs, batch, ts, ROLE_ANSWER)
+    reasoning = _per_sequence(logprobs, batch, ts, ROLE_REASONING)
+    n = len(samples)
+    assert all(a.numel() > 0 for a in answers)  # every completion scored
+    p = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
+    reasoning_sum = [None] * n
+    for b, i in enumerate(ts.owner):
+        p[i] = p[i] + ts.data["weight"][b] * answers[b].sum().exp()
+        if ts.data["first_copy"][b]:
+            reasoning_sum[i] = reasoning[b].sum()
+    p = torch.stack(p)
+    groups = torch.tensor([s.group for s in samples])
+    loss = torch.zeros((), dtype=torch.float64)
+    bounds = []
+    for g in groups.unique():
+        members = (groups == g).nonzero().squeeze(1)
+        size = members.numel()
+        bound = torch.log(p[members].mean())
+        bounds.append(bound.item())
+        with torch.no_grad():
+            adv = torch.stack([bound - torch.log(p[members[torch.arange(size) != j]].mean()) for j in range(size)])
+            if normalize:
+                adv = (adv / adv.std()).clamp(-1, 1)
+        loss = loss - sum(adv[j] * reasoning_sum[int(members[j])] for j in range(size)) - bound
+    (loss / n).backward()
+    want = grads(policy)
+    assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 1e-5
+    total, count, _ = sums["objective"]["jepo_bound"]
+    assert total / count == pytest.approx(sum(bounds) / len(bounds), rel=1e-6)

@@ -58,7 +58,7 @@ def test_train_with_a_model_directory(tiny_model_dir, tmp_path):
 
 # Every registered objective, with what it needs to run fast on the built-in tasks.
 OBJECTIVE_ARGS = {
-    "verifree": [], "rlpr": [], "nover": [], "verifier": [],
+    "verifree": [], "jepo": [], "rlpr": [], "nover": [], "verifier": [],
     # 2 prompts x 4 samples of the shipped model can be all right or all wrong per group.
     "pcl": ["--prompts-per-step", "4"],
     "rzero": ["--solver-samples", "4"],
@@ -253,3 +253,21 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == f"step-{steps[-1]:06d}" and steps[-1] < 200
     assert cli(["train", "--resume", str(out), "--max-steps", str(steps[-1] + 1)]) == 0
     assert [r["step"] for r in metrics(out)] == list(range(1, steps[-1] + 2))
+
+
+@pytest.mark.parametrize("args", [["--objective", "verifree", "--reward-form", "logprob"], ["--objective", "jepo"]])
+def test_likelihood_rewards_train_on_the_long_answer_task(tmp_path, args):
+    """The long-answer task with the log-probability reward and with JEPO: every
+    completion scored (the marker appended where it is missing), rewards that are
+    log-probabilities (logprob) or probabilities (JEPO's reward_mean), finite losses."""
+    out = tmp_path / "run"
+    assert cli(["train", *args, "--data", "synthetic-long", "--max-steps", "2", "--n-synthetic", "64",
+                "--output-dir", str(out), *FAST]) == 0
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["rewarded_frac"] == 1.0 and math.isfinite(r["loss"]) and r["advantage_std"] > 0 for r in records)
+    assert all(r["answer_len"] > 15 for r in records)  # the worked solution, not a number
+    if "logprob" in args:
+        assert all(r["reward_mean"] < 0 for r in records)
+    else:
+        assert all(0 <= r["reward_mean"] < 1 and r["jepo_bound"] < 0 for r in records)

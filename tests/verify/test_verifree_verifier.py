@@ -90,3 +90,21 @@ def test_argument_errors(model_and_tokenizer):
         VerifreeVerifier(model, tok, answer_template="no placeholder")
     with pytest.raises(ValueError, match="temperature"):
         VerifreeVerifier(model, tok, temperature=0)
+
+
+def test_reward_forms_of_the_verifier():
+    """reward_form: logprob is the log of prob for a completion with the marker and one
+    reference; mean_logprob divides it by the answer's tokens; the log forms score a
+    completion without the marker (the marker appended) where prob gives 0."""
+    model, tok = load_model_and_tokenizer("builtin")
+    prompt = "Q: 2 + 2?"
+    completions = [" 2 + 2 = 4. <answer> \\boxed{4} </answer>", " 2 + 2 = 4."]
+    scores = {form: VerifreeVerifier(model, tok, reward_form=form)([prompt] * 2, completions, [["4"], ["4"]])
+              for form in ("prob", "logprob", "mean_logprob", "mean_prob")}
+    assert scores["prob"][1] == 0.0 and scores["mean_prob"][1] == 0.0
+    assert math.isfinite(scores["logprob"][1]) and scores["logprob"][1] < 0
+    assert scores["logprob"][0] == pytest.approx(math.log(scores["prob"][0]), rel=1e-6)
+    assert scores["logprob"][0] < scores["mean_logprob"][0] < 0
+    assert 0 < scores["mean_prob"][0] < 1
+    with pytest.raises(ValueError, match="reward_form must be one of"):
+        VerifreeVerifier(model, tok, reward_form="odds")

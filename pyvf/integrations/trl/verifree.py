@@ -23,7 +23,8 @@ from pyvf.integrations.trl._common import (
 from pyvf.integrations.trl.fused_head import _unwrap_peft, patch_per_token_logps
 from pyvf.losses import verifree_loss
 from pyvf.packing import Sequence
-from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER, splice_reference
+from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
+from pyvf.verify.verifree import LOG_FORMS, check_reward_form, splice_answers
 
 # TRL behind a check, so that a missing TRL fails with the extra to install.
 try:
@@ -39,10 +40,13 @@ class VeriFreeTrainer(GRPOTrainer):
 
     Extra keyword arguments: `marker` ("<answer"), `answer_template`
     ("> \\\\boxed{{{ref}}} </answer>"), `answer_column` ("answer"), `backend` (of
-    `token_logprobs`). GRPO's own loss settings (loss_type, epsilon, scale_rewards,
-    importance sampling, entropy bonus) do not apply: VeriFree's loss is
-    -(A_i * log pi(reasoning_i) + R_i * log pi(answer_i)), mean over completions, with
-    RLOO advantages A_i and rewards R_i = pi(answer_i | prompt, reasoning_i).
+    `token_logprobs`), `reward_form` ("prob"; logprob, mean_logprob or mean_prob: the
+    reward forms of `pyvf.verify.verifree`, the log forms scoring every completion). GRPO's
+    own loss settings (loss_type, epsilon, scale_rewards, importance sampling, entropy
+    bonus) do not apply: VeriFree's loss is -(A_i * log pi(reasoning_i) + R_i * log
+    pi(answer_i)), mean over completions, with RLOO advantages A_i and rewards R_i =
+    pi(answer_i | prompt, reasoning_i) (the answer term -w dR/dlog pi per token in another
+    form).
     """
 
     _tag_names = ["trl", "grpo", "pyvf", "verifree"]
@@ -50,7 +54,7 @@ class VeriFreeTrainer(GRPOTrainer):
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None, *,
                  reward_funcs=None, marker: str = DEFAULT_MARKER,
                  answer_template: str = DEFAULT_ANSWER_TEMPLATE, answer_column: str = "answer",
-                 backend: str = "auto", **kwargs):
+                 backend: str = "auto", reward_form: str = "prob", **kwargs):
         if reward_funcs:
             raise ValueError("VeriFreeTrainer computes its own reward (the policy's probability of the "
                              "reference answer); reward_funcs must be None")
@@ -64,6 +68,7 @@ class VeriFreeTrainer(GRPOTrainer):
         if args is not None:
             self._check_verifree_args(args)
         self.marker, self.answer_template, self.answer_column = marker, answer_template, answer_column
+        self.reward_form = check_reward_form(reward_form)
         self._closing = _closing_text(answer_template)
 
         def verifree(**_):  # TRL requires a reward source; it also names the reward column of the logs
@@ -114,10 +119,11 @@ class VeriFreeTrainer(GRPOTrainer):
         eos_and_pad = {*self.eos_token_ids, self._tokenizer.pad_token_id}
         prompts, reasoning, answers, weights, valid = [], [], [], [], []
         for p_ids, c_ids, refs in zip(prompt_ids_list, completion_ids_list, refs_list, strict=True):
-            spliced = splice_reference(self._tokenizer, c_ids, refs, marker=self.marker,
-                                       answer_template=self.answer_template)
+            every = self.reward_form in LOG_FORMS  # finite for any reasoning: every completion is scored
+            spliced, _ = splice_answers(self._tokenizer, c_ids, refs, marker=self.marker,
+                                        answer_template=self.answer_template, every=every)
             ok = spliced[0].found
-            if ok and (not c_ids or c_ids[-1] not in eos_and_pad):
+            if ok and not every and (not c_ids or c_ids[-1] not in eos_and_pad):
                 # Cut by the length limit: counts only if the answer was closed before the cut.
                 text = self._tokenizer.decode(c_ids, skip_special_tokens=False)
                 ok = bool(self._closing) and self._closing in text[text.find(self.marker):]
@@ -213,7 +219,7 @@ class VeriFreeTrainer(GRPOTrainer):
                                      _unwrap_peft(self.accelerator.unwrap_model(self.model)))
         dev = logp.device
         out = verifree_loss(logp, batch.roles.to(dev), batch.cu_seqlens.to(dev), batch.groups.to(dev),
-                            completion=completion.to(dev), weights=weights.to(dev))
+                            completion=completion.to(dev), weights=weights.to(dev), reward_form=self.reward_form)
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         rewards = gather(out.rewards.detach().float())
         advantages = gather(out.advantages.detach().float())
