@@ -357,31 +357,9 @@ def device_time_ms(fn, device, repeats: int = 100, warmup: int = 5) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def advantage_cases(n: int, device, group_size: int = 8):
-    """(op, impl, fn) of pyvf.bench.advantages.bench_groups, timed here with device_time_ms."""
-    import torch
-
-    from pyvf.bench.advantages import composite_advantages
-    from pyvf.ops import grouped_advantages, segment_sum
-
-    rewards = torch.rand(n, device=device)
-    out = torch.empty_like(rewards)
-    cu = torch.arange(0, n + 1, 512, device=device)
-    if int(cu[-1]) != n:
-        cu = torch.cat([cu, torch.tensor([n], device=device)])
-    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff())
-    return [
-        ("grouped_advantages", "pyvf", lambda: grouped_advantages(rewards, group_size, estimator="grpo")),
-        ("grouped_advantages", "torch-composite", lambda: composite_advantages(rewards, group_size)),
-        ("grouped_advantages", "copy", lambda: out.copy_(rewards)),
-        ("segment_sum", "pyvf", lambda: segment_sum(rewards, cu)),
-        ("segment_sum", "torch-index_add",
-         lambda: torch.zeros(cu.numel() - 1, device=device).index_add_(0, seg, rewards)),
-    ]
-
-
 def stage_advantages(args) -> int:
     from pyvf.bench import Record, peak_memory_bytes
+    from pyvf.bench.advantages import advantage_cases
 
     device = _device(args.small)
     out = StageFile(args.json, "d_advantages", device)

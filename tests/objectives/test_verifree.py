@@ -249,6 +249,20 @@ def _per_sequence(logprobs, batch, ts, role):
     return out
 
 
+def _trainer_then_written_out(objective, cfg, policy, samples):
+    """(sums, the trainer's gradient, ts, per-sequence answer rows, per-sequence
+    reasoning rows): accumulate_gradients, then a plain differentiable forward of the
+    same sequences for the loss written out (the gradients zeroed in between)."""
+    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, context(policy))
+    got = grads(policy)
+    policy.zero_grad(set_to_none=True)
+    ts = objective.sequences(samples)
+    batch = pack(ts.sequences)
+    logprobs = policy(batch).double()
+    return (sums, got, ts, _per_sequence(logprobs, batch, ts, ROLE_ANSWER),
+            _per_sequence(logprobs, batch, ts, ROLE_REASONING))
+
+
 def _written_out_reward(form, answer):
     """The reward of one reference from its answer rows' log-probs, differentiable, by its definition."""
     if answer.numel() == 0:
@@ -267,15 +281,7 @@ def test_reward_forms_give_the_gradient_of_the_objective_written_out(form, rewar
     samples = make_samples(tok)
     cfg = config(reward_form=form, reward_pass=reward_pass)
     objective = VeriFree(cfg, tok)
-    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, context(policy))
-    got = grads(policy)
-
-    policy.zero_grad(set_to_none=True)
-    ts = objective.sequences(samples)
-    batch = pack(ts.sequences)
-    logprobs = policy(batch).double()
-    answers = _per_sequence(logprobs, batch, ts, ROLE_ANSWER)
-    reasoning = _per_sequence(logprobs, batch, ts, ROLE_REASONING)
+    sums, got, ts, answers, reasoning = _trainer_then_written_out(objective, cfg, policy, samples)
     n = len(samples)
     reward = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
     reasoning_sum = [None] * n
@@ -306,15 +312,7 @@ def test_jepo_gradient_equals_the_bound_written_out(reward_pass, normalize):
     samples = make_samples(tok)
     cfg = config(objective="jepo", reward_pass=reward_pass, jepo_normalize=normalize)
     objective = JEPO(cfg, tok)
-    sums = accumulate_gradients(cfg, objective, "seq_mean_token_sum", policy, samples, None, context(policy))
-    got = grads(policy)
-
-    policy.zero_grad(set_to_none=True)
-    ts = objective.sequences(samples)
-    batch = pack(ts.sequences)
-    logprobs = policy(batch).double()
-    answers = _per_sequence(logprobs, batch, ts, ROLE_ANSWER)
-    reasoning = _per_sequence(logprobs, batch, ts, ROLE_REASONING)
+    sums, got, ts, answers, reasoning = _trainer_then_written_out(objective, cfg, policy, samples)
     n = len(samples)
     assert all(a.numel() > 0 for a in answers)  # every completion scored
     p = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
