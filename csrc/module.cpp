@@ -4,6 +4,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 namespace pyvf {
 namespace {
@@ -35,6 +38,33 @@ torch::Tensor segment_sum(const torch::Tensor& values, const torch::Tensor& cu_s
 #endif
   }
   return segment_sum_cpu(values, cu_seqlens, mask);
+}
+
+// Sets (or clears) flush-to-zero and denormals-are-zero in the calling thread and in
+// every thread of the OpenMP team ATen's and MKL's CPU kernels run on (the team's
+// threads persist, and keep the mode). Returns how many threads were set.
+int flush_subnormals(bool on) {
+  int threads = 1;
+#if defined(__x86_64__) || defined(_M_X64)
+  const auto set = [on] {
+    const unsigned int bits = 0x8040u;  // FTZ (bit 15) | DAZ (bit 6)
+    _mm_setcsr(on ? (_mm_getcsr() | bits) : (_mm_getcsr() & ~bits));
+  };
+  set();
+#ifdef _OPENMP
+  const int team = at::get_num_threads();
+#pragma omp parallel num_threads(team)
+  {
+    set();
+#pragma omp single
+    threads = omp_get_num_threads();
+  }
+#endif
+#else
+  (void)on;
+  threads = 0;
+#endif
+  return threads;
 }
 
 pybind11::dict build_info() {
@@ -78,4 +108,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("entropy_coeffs"), pybind11::arg("inv_temp"), pybind11::arg("need_d_hidden"),
         pybind11::arg("need_d_weight"), pybind11::arg("chunk_bytes"));
   m.def("build_info", &pyvf::build_info, "backends compiled into this module");
+  m.def("flush_subnormals", &pyvf::flush_subnormals, "flush-to-zero and denormals-are-zero in the CPU threads",
+        pybind11::arg("on"));
 }

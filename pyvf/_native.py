@@ -50,3 +50,13 @@ def build_info() -> dict:
 
         info["triton"] = triton.__version__
     return info
+
+
+def flush_subnormals(on: bool = True) -> int:
+    """Flush-to-zero and denormals-are-zero in the CPU threads torch computes on (the
+    calling thread and its OpenMP team; x86 only). Training on the CPU turns it on: a
+    gradient scaled by a reward of 1e-35 (VeriFree's probability of a long reference)
+    makes the decoder's backward GEMMs produce subnormals, each a microcode assist on
+    x86, 100x slower, for values below 1.2e-38 that no optimizer step can see. Returns
+    the number of threads set (0 where the CPU has no such mode)."""
+    return int(native().flush_subnormals(bool(on)))

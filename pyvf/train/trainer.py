@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyvf._native import flush_subnormals
 from pyvf.chat import check_vocabulary, describe, render_prompt_ids, stop_token_ids
 from pyvf.data import dataset
 from pyvf.objectives import get_objective
@@ -253,6 +254,8 @@ class Trainer:
         cfg.validate()
         mixed = cfg.dtype == "bfloat16"  # bf16 compute, fp32 master weights: FSDP2's, in any number of processes
         rank, world, device = distributed.setup(cfg.device, group_of_one=mixed)
+        if device.type == "cpu":
+            flush_subnormals(True)  # pyvf._native.flush_subnormals: why
         sharded = world > 1 or mixed
         if cfg.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} processes")

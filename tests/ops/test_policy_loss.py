@@ -291,3 +291,21 @@ def test_tiny_coefficients_beside_normal_ones(backend):
     coeffs = torch.randn(64)
     coeffs[::2] *= 1e-35
     check_against_reference(backend, hidden, weight, targets, coeffs, None, 1.0, 1e-5)
+
+
+def test_flush_subnormals_sets_every_cpu_thread():
+    """pyvf._native.flush_subnormals (on in CPU training): a product below 1.2e-38 is 0,
+    in the calling thread and in the threads of a multi-threaded GEMM; off again, it is
+    kept."""
+    from pyvf._native import flush_subnormals
+
+    a = torch.full((256, 256), 1e-30)
+    b = torch.full((256, 256), 1e-10)
+    try:
+        if flush_subnormals(True) == 0:
+            pytest.skip("this CPU has no flush-to-zero mode (not x86-64)")
+        assert float((a[0, 0] * b[0, 0])) == 0.0 and float((a @ b).abs().max()) == 0.0
+        flush_subnormals(False)
+        assert float(a[0, 0] * b[0, 0]) > 0 and float((a @ b).min()) > 0
+    finally:
+        flush_subnormals(True)  # as a training run in this process leaves it
