@@ -255,7 +255,7 @@ class Trainer:
         mixed = cfg.dtype == "bfloat16"  # bf16 compute, fp32 master weights: FSDP2's, in any number of processes
         rank, world, device = distributed.setup(cfg.device, group_of_one=mixed)
         if device.type == "cpu":
-            flush_subnormals(True)  # pyvf._native.flush_subnormals: why
+            flush_subnormals(True)  # a tiny reward makes the backward subnormal, 100x slower on x86
         sharded = world > 1 or mixed
         if cfg.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} processes")
