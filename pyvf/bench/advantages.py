@@ -41,3 +41,20 @@ def bench_groups(n: int, device: torch.device, group_size: int = 8) -> list[Reco
     """grouped_advantages and segment_sum against PyTorch composites, and a copy."""
     return [Record(op, impl, "fwd", n, 0, 0, "float32", time_ms(fn, device, repeats=20), None,
                    peak_memory_bytes(fn, device)) for op, impl, fn in advantage_cases(n, device, group_size)]
+
+
+ABOUT = ("grouped_advantages / segment_sum: B float32 rewards, groups of 8 (segments of 512); B = 1e4, 1e5, "
+         "1e6 on the CPU, 1e4, 1e6, 1.6e7 on a GPU. Memory-bound: no FLOP count, compared with a copy of the "
+         "same bytes. peak MiB on CUDA only")
+
+
+def default_sizes(device: torch.device) -> list[int]:
+    return [10**4, 10**6, 16 * 10**6] if device.type == "cuda" else [10**4, 10**5, 10**6]
+
+
+def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]:
+    records = []
+    for n in sizes or default_sizes(device):
+        print(f"bench: grouped_advantages / segment_sum, n={n}", flush=True)
+        records += bench_groups(n, device)
+    return records
