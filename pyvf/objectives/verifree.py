@@ -188,16 +188,16 @@ class VerifreeCoefficients:
 def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu_seqlens: torch.Tensor,
                           groups: torch.Tensor, *, completion: torch.Tensor | None = None,
                           weights: torch.Tensor | None = None, first_copy: torch.Tensor | None = None,
-                          extra_rewards: torch.Tensor | None = None, reward_form: str = "prob",
-                          estimator=None) -> VerifreeCoefficients:
+                          extra_rewards: torch.Tensor | None = None, reward_form: str = "prob"
+                          ) -> VerifreeCoefficients:
     """VeriFree's gradient as per-row coefficients of the log-probs (the single pass:
     only the answer rows' log-probs are needed to know them). answer_logprobs [T]: the
     current log-probs, read on the answer rows only; roles [T], cu_seqlens [B + 1],
     groups [B], completion / weights [B] as in `verifree_loss`. `first_copy` [B] marks the
     sequence of each completion that carries its reasoning (default: the first).
     extra_rewards [C], per completion in the order of `completion`'s sorted ids, adds to
-    R_i before the advantages (the trainer's `reward` verifier). `estimator` (default
-    `verifree_terms` in `reward_form`) turns the answer rows into ForwardTerms."""
+    R_i before the advantages (the trainer's `reward` verifier); `reward_form` as in
+    `verifree_loss`."""
     device = answer_logprobs.device
     n_seq = cu_seqlens.numel() - 1
     is_answer = roles == ROLE_ANSWER
@@ -207,12 +207,8 @@ def verifree_coefficients(answer_logprobs: torch.Tensor, roles: torch.Tensor, cu
     if first_copy is None:
         first_copy = torch.zeros(n_seq, dtype=torch.bool, device=device).index_fill_(0, first, True)
     row_seq = _row_sequence(cu_seqlens, roles.numel(), device)[is_answer]
-    if estimator is None:
-        terms = verifree_terms(answer_logprobs.double()[is_answer], row_seq, index, weights, groups.to(device)[first],
-                               reward_form=reward_form, extra_rewards=extra_rewards)
-    else:
-        terms = estimator(answer_logprobs.double()[is_answer], row_seq, index, weights, groups.to(device)[first],
-                          extra_rewards=extra_rewards)
+    terms = verifree_terms(answer_logprobs.double()[is_answer], row_seq, index, weights, groups.to(device)[first],
+                           reward_form=reward_form, extra_rewards=extra_rewards)
     coeffs = verifree_row_coefficients(roles, cu_seqlens, terms.seq_advantage, terms.answer_coeffs, first_copy)
     return VerifreeCoefficients(coeffs, terms.rewards, terms.advantages, terms.answer_len > 0, terms.answer_len)
 
