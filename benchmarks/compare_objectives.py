@@ -15,6 +15,12 @@ checkpoint, the variance of the policy-gradient estimate across independent roll
 batches for verifree versus verifier: the trace of the gradients' covariance,
 relative to the squared norm of their mean (lower is a less noisy estimator).
 
+Rollout modes: `<method>@<mode>` trains with rollout_mode <mode> (one_step_off, async:
+an engine process samples while the trainer trains), e.g.
+
+    python benchmarks/compare_objectives.py --methods verifree,verifree@one_step_off,verifree@async \
+        --variance-batches 0 --name rollout-modes
+
 The likelihood rewards: `verifree-<form>` is VeriFree with `reward_form` <form>
 (logprob, mean_logprob, mean_prob), `jepo` the JEPO objective. `--tasks long` trains on
 `synthetic-long` (the worked solution as the reference) and reports, on held-out
@@ -44,6 +50,7 @@ from pyvf.runtime.model import load_model_and_tokenizer
 from pyvf.runtime.policy import Policy
 from pyvf.runtime.rollout import HFGenerate
 from pyvf.train import config as config_mod
+from pyvf.train.rollouts import ROLLOUT_MODES
 from pyvf.train.trainer import DataOrder, Prompts, accumulate_gradients, rollout, train
 from pyvf.workflows.evaluate import evaluate, evaluate_long
 
@@ -78,8 +85,11 @@ def run(method: str, seed: int, steps: int, out: Path, n_eval: int, task: str = 
         shutil.rmtree(out, ignore_errors=True)  # a self-play directory would otherwise be continued
         state = selfplay(SelfPlayConfig(output_dir=str(out), seed=seed, eval_questions=0, progress=False))
         return held_out(state["solver"], n_eval)
+    method, _, mode = method.partition("@")
     objective, _, form = method.partition("-")
     keys = {"reward_form": form} if form else {}
+    if mode:
+        keys["rollout_mode"] = mode
     cfg = config_mod.from_dict({**BASE, "objective": objective, "seed": seed, "max_steps": steps,
                                 "output_dir": str(out), "data": TASKS[task], **keys}).validate()
     train(cfg)
@@ -130,10 +140,12 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     tasks = args.tasks.split(",")
-    unknown = sorted(set(methods) - set(METHODS)) + sorted(set(tasks) - set(TASKS))
+    modes = {m.partition("@")[2] for m in methods} - {""}
+    unknown = (sorted({m.partition("@")[0] for m in methods} - set(METHODS)) + sorted(modes - set(ROLLOUT_MODES))
+               + sorted(set(tasks) - set(TASKS)))
     if unknown:
-        parser.error(f"unknown {', '.join(unknown)}; --methods from {', '.join(METHODS)}, --tasks from "
-                     f"{', '.join(TASKS)}")
+        parser.error(f"unknown {', '.join(unknown)}; --methods from {', '.join(METHODS)} (each with @mode, a mode "
+                     f"from {', '.join(ROLLOUT_MODES)}), --tasks from {', '.join(TASKS)}")
     rows = []
     for task in tasks:
         start_model = held_out("builtin", args.eval_questions, task)

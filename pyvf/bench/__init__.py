@@ -39,7 +39,7 @@ SUITES: dict[str, str] = {
     "policy_loss": "pyvf.bench.policy_loss",
     "train_step": "pyvf.bench.train_step",
     "rollout": "pyvf.bench.rollout", "forward": "pyvf.bench.forward", "activations": "pyvf.bench.activations",
-    "long_group": "pyvf.bench.long_group",
+    "long_group": "pyvf.bench.long_group", "step": "pyvf.bench.rollout_step",
 }
 # What `pyvf bench` without a suite runs: policy_loss, the op the trainer uses, first.
 DEFAULT_SUITES: tuple[str, ...] = ("policy_loss", "token_logprobs", "grouped_advantages", "verifree_loss",
@@ -247,6 +247,10 @@ def environment(device: torch.device) -> dict:
 def format_table(records: list[Record]) -> str:
     """Markdown table; the ratio column is the time over pyvf's for the same case."""
     head = "| op | impl | pass | n | h | v | dtype | ms | TFLOP/s | peak MiB | vs pyvf |"
+    # Suites that report throughput or notes with their "ok" get those columns.
+    with_rate = any(r.tokens_per_s for r in records)
+    with_notes = any(r.status.startswith("ok;") for r in records)
+    head += " tokens/s |" * with_rate + " notes |" * with_notes
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     pyvf_ms = {(r.op, r.pass_, r.n, r.h, r.v, r.dtype): r.ms for r in records if r.impl == "pyvf" and r.ms}
     for r in records:
@@ -257,6 +261,10 @@ def format_table(records: list[Record]) -> str:
             cells = [f"{r.ms:.3f}", f"{r.tflops:.1f}" if r.tflops else "",
                      f"{r.peak_mem_bytes / 2**20:.0f}" if r.peak_mem_bytes is not None else "",
                      f"{r.ms / base:.2f}x" if base else ""]
+        if with_rate:
+            cells.append(f"{r.tokens_per_s:.0f}" if r.tokens_per_s else "")
+        if with_notes:
+            cells.append(r.status.removeprefix("ok; ") if r.status.startswith("ok;") else "")
         lines.append("| " + " | ".join([r.op, r.impl, r.pass_, str(r.n), str(r.h), str(r.v), r.dtype] + cells) + " |")
     return "\n".join(lines)
 
@@ -335,6 +343,8 @@ class BenchOptions:
     output: str | None = option(None, "also write the results as JSON (and .md, .png) to this file")
     impls: str | None = option(None, "comma-separated implementations, each suite keeps the ones it knows "
                                      "(none: all)")
+    rollout_mode: str | None = option(None, "the step suite's rollout modes, comma-separated (sync, one_step_off, "
+                                            "async; none: all)")
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -360,6 +370,8 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     impls = opts.impls.split(",") if opts.impls else None
+    if opts.rollout_mode:
+        impls = (impls or []) + opts.rollout_mode.split(",")
     known = {i for names in suite_impls(args.suites or DEFAULT_SUITES).values() for i in names}
     unknown = sorted(set(impls or []) - known)
     if unknown:

@@ -60,6 +60,13 @@ class Sample:
     answer_end: int | None = None  # when sampling went on past the answer (PCL): ids[:answer_end] is the answer part
     scored: dict = field(default_factory=dict)  # what the objective's `score` found per sample, for its later calls
     over_length: bool = False     # cut, or its reward zeroed, by an explicit max_seq_len (counted per step)
+    policy_version: int | None = None  # the weights' version that sampled it (engine processes); None: the current
+    engine_on_policy: bool = True  # the engine computes as the trainer does (HF); False: vLLM's numerics
+
+    def behaviour_is_current(self, step: int) -> bool:
+        """Whether the policy that sampled it is the one step `step` trains (the weights
+        after step - 1, in the trainer's numerics): then no importance weight is needed."""
+        return self.engine_on_policy and (self.policy_version is None or self.policy_version == step - 1)
 
     @property
     def truncated(self) -> bool:
@@ -125,6 +132,9 @@ class Objective:
     advantage_eps: ClassVar[float] = 1e-6
     prompt_template: ClassVar[str] = ""         # the method's prompt when the config sets none ("" = the task's)
     needs_references: ClassVar[bool] = True     # False: trains on examples without a reference answer
+    # True: `coefficients` already weights sampled tokens by pi / pi_behaviour (a PPO ratio
+    # against the engine's log-probs, capped at cfg.tis_cap), so the trainer adds no weight.
+    weights_sampled_tokens: ClassVar[bool] = False
 
     def __init__(self, cfg: "TrainConfig", tokenizer):
         self.cfg = cfg                  # the common keys (pyvf.train.config.TrainConfig)

@@ -354,6 +354,8 @@ class RLPR(Objective):
         add_metric(ctx.metrics, "repetition_frac", float((penalties < 0).sum()), len(samples))
         return apply_repetition_penalty(rewards, penalties)
 
+    weights_sampled_tokens = True  # the PPO ratio against the engine's log-probs
+
     def look(self, mb: MicroBatch, ctx: StepContext):
         return mb.batch.roles.to(mb.device) == ROLE_REASONING if (self.clip_low or self.clip_high) else None
 
@@ -367,7 +369,10 @@ class RLPR(Objective):
             old = per_token_rows(mb, [s.rollout_logprobs for s in ctx.samples])
             ratio = torch.where(torch.isnan(old), torch.ones_like(old), torch.exp(looked.double() - old))
             clipped = ((adv > 0) & (ratio > 1 + self.clip_high)) | ((adv < 0) & (ratio < 1 - self.clip_low))
-            coeffs = torch.where(clipped, torch.zeros_like(adv), -adv * ratio)
+            # Under policy lag the engine's log-probs are the behaviour policy's; the ratio is
+            # then also the importance weight, truncated like the trainer's (tis_cap).
+            weight = ratio.clamp(max=self.cfg.tis_cap) if self.cfg.tis_cap else ratio
+            coeffs = torch.where(clipped, torch.zeros_like(adv), -adv * weight)
             add_metric(ctx.metrics, "clip_frac", float((clipped & completion).sum()), float(completion.sum()))
         entropy = None
         if self.entropy_coeff:

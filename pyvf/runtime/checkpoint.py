@@ -90,13 +90,17 @@ def save_shards(directory: Path, step: int, policy: torch.nn.Module, optimizer, 
     return None
 
 
-def stage_state(directory: Path, *, state: TrainerState, objective_state: dict | None = None) -> None:
-    """Rank 0, when the shards are saved: the RNG states, the objective's state and the
-    data position of this moment (an async save completes later, after training moved on)."""
+def stage_state(directory: Path, *, state: TrainerState, objective_state: dict | None = None,
+                rollout_state: dict | None = None) -> None:
+    """Rank 0, when the shards are saved: the RNG states, the objective's state, the
+    rollouts in flight (rollout_mode one_step_off, async) and the data position of this
+    moment (an async save completes later, after training moved on)."""
     tmp = staging_dir(directory, state.step)
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), tmp / "rng.pt")
     torch.save(objective_state or {}, tmp / "objective.pt")
+    if rollout_state is not None:
+        torch.save(rollout_state, tmp / "rollout.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(
         {"step": state.step, "data_position": state.data_position, "config": state.config}, indent=2))
 
@@ -228,6 +232,12 @@ def load_optimizer_shards(path: str | Path, policy: torch.nn.Module, optimizer) 
     with _single_process_is_intended():
         dcp.load(state, checkpoint_id=str(Path(path) / DCP), no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(policy, optimizer, state["optim"])
+
+
+def load_rollout_state(path: str | Path) -> dict:
+    """The rollouts a checkpoint kept in flight ({} when it kept none)."""
+    file = resolve(path) / "rollout.pt"
+    return torch.load(file, weights_only=True) if file.is_file() else {}
 
 
 def load(path: str | Path, *, rank: int | None = None):

@@ -12,15 +12,59 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device: str, *, group_of_one: bool = False) -> tuple[int, int, torch.device]:
+def job_store():
+    """The torchrun job's c10d store (the elastic agent's, or rank 0's), shared by the
+    trainer ranks and the engine ranks of `--rollout-ranks`."""
+    global _job_store
+    if _job_store is None:
+        import datetime
+
+        rank = int(os.environ.get("RANK", "0"))
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        _job_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                   is_master=rank == 0 and not agent, wait_for_workers=False,
+                                   timeout=datetime.timedelta(minutes=30))
+    return _job_store
+
+
+_job_store = None
+
+
+def engine_rank(engine_ranks: int) -> int | None:
+    """Under torchrun with `engine_ranks` engine ranks (the job's last ranks): this
+    process's engine index (1..engine_ranks), or None on a trainer rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not engine_ranks:
+        return None
+    if world <= engine_ranks:
+        raise ValueError(f"rollout_ranks {engine_ranks} needs torchrun with more processes than that (one trainer "
+                         f"at least), got {world}")
+    index = int(os.environ.get("RANK", "0")) - (world - engine_ranks) + 1
+    return index if index >= 1 else None
+
+
+def setup(device: str, *, group_of_one: bool = False, engine_ranks: int = 0) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initializes the process group under torchrun, and a
-    group of this process alone with `group_of_one` (FSDP2 in one process)."""
+    group of this process alone with `group_of_one` (FSDP2 in one process). With
+    `engine_ranks`, the job's last ranks serve rollouts: the default group is then the
+    trainer ranks alone, so every collective here, FSDP2's and DCP's stays among them."""
     global _owned
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but no CUDA device is available")
-    if not dist.is_initialized() and world > 1:
+    if engine_ranks:
+        if engine_rank(engine_ranks) is not None:
+            raise ValueError("this is an engine rank (rollout_ranks): it serves rollouts and builds no trainer")
+        world -= engine_ranks
+        if not dist.is_initialized():
+            if want_cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo",
+                                    store=dist.PrefixStore("pyvf-train", job_store()),
+                                    rank=int(os.environ.get("RANK", "0")), world_size=world)
+            _owned = True
+    elif not dist.is_initialized() and world > 1:
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
         _owned = True
     elif not dist.is_initialized() and group_of_one:

@@ -20,8 +20,10 @@ from pyvf.objectives.base import ObjectiveConfig
 from pyvf.options import ConfigError, check, coerce, is_optional, keys, option
 from pyvf.runtime.policy import LM_HEAD_PASSES
 
-REWARD_PASSES = ("auto", "fused", "separate")
 from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
+from pyvf.train.rollouts import ROLLOUT_MODES
+
+REWARD_PASSES = ("auto", "fused", "separate")
 
 log = logging.getLogger("pyvf")
 
@@ -55,6 +57,23 @@ class TrainConfig:
                                     "several")
     vllm_gpu_memory_utilization: float = option(0.3, "share of GPU memory the vLLM engine may take", minimum=0,
                                                 maximum=1)
+    rollout_mode: str = option("sync", "sync: sample, then train; one_step_off: batch t+1 is sampled with the "
+                                       "weights after step t-1 while step t trains (reproducible); async: engines "
+                                       "sample continuously with the newest weights, at most max_staleness versions "
+                                       "old (engine processes only)", choices=ROLLOUT_MODES)
+    rollout_procs: int = option(0, "engine processes that sample while the trainer trains (weights sent over a "
+                                   "torch.distributed group); 0: none in sync mode (the trainer samples itself), "
+                                   "1 in the others", minimum=0)
+    rollout_ranks: int = option(0, "under torchrun: the job's last K ranks sample (an engine each) while the "
+                                   "others train with FSDP2; weights go from trainer rank 0 to them over a "
+                                   "torch.distributed group (NCCL on GPUs, gloo on CPUs)", minimum=0)
+    rollout_threads: int = option(0, "CPU threads of each engine process (0: the cores split evenly between the "
+                                     "trainer and the engine processes)", minimum=0)
+    max_staleness: int = option(1, "async: the most policy versions a sample may lag the step that trains on it "
+                                   "(0: as sync)", minimum=0)
+    tis_cap: float = option(2.0, "truncated importance sampling: each sampled token's policy-gradient coefficient "
+                                 "is multiplied by min(pi / pi_behaviour, tis_cap) when the sampling policy is not "
+                                 "the trained one (a lagging version, vLLM's numerics); 0: off", minimum=0)
     rollout_logprob_warn: float = option(0.05, "warn when engine and trainer log-probs differ by more (mean abs)")
     marker: str = option(DEFAULT_MARKER, "the text that opens the answer; the reference is spliced after it")
     answer_template: str = option(DEFAULT_ANSWER_TEMPLATE, "how a reference is written after the marker ({ref})")
@@ -146,9 +165,17 @@ class TrainConfig:
             raise ConfigError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be larger than max_new_tokens "
                               f"({self.max_new_tokens}): a sequence (prompt + completion + answer) is never split "
                               f"across micro-batches")
+        if self.rollout_ranks and self.rollout_procs:
+            raise ConfigError(f"rollout_ranks ({self.rollout_ranks}, torchrun ranks that sample) and rollout_procs "
+                              f"({self.rollout_procs}, processes pyvf starts) are two placements: set one")
         if self.answer_template.count("{ref}") != 1:
             raise ConfigError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
         return self
+
+    def engine_procs(self) -> int:
+        """Engines in processes of their own: rollout_ranks, rollout_procs, or 1 when the
+        mode runs ahead and both are 0."""
+        return self.rollout_ranks or self.rollout_procs or (1 if self.rollout_mode != "sync" else 0)
 
     def stop_strings(self) -> list[str]:
         return [s for s in self.stop.split("|") if s]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -38,8 +39,10 @@ from pyvf.runtime.metrics import MetricsLog, plot
 from pyvf.runtime.model import enable_activation_checkpointing, load_model_and_tokenizer, load_weights
 from pyvf.runtime.policy import Policy
 from pyvf.runtime.preemption import PreemptionGuard
-from pyvf.runtime.rollout import HFGenerate, prompt_seed
+from pyvf.runtime.rollout import HFGenerate
+from pyvf.runtime.rollout.remote import EngineProcesses, EngineSpec, WeightLayout, serve_engine_rank, spec_threads
 from pyvf.train.config import ConfigError, TrainConfig
+from pyvf.train.rollouts import AheadRollouts, rollout
 from pyvf.verify import get_verifier
 
 log = logging.getLogger("pyvf")
@@ -104,38 +107,32 @@ class StepTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def rollout(cfg: TrainConfig, engine, prompts: Prompts, indices: list[int], first_group: int,
-            step: int) -> list[Sample]:
-    """G samples of each prompt; prompt j of the list is group first_group + j, and its
-    samples depend only on (seed, step, group), never on the rank or the batch."""
-    prompt_ids = [prompts[i] for i in indices]
-    seeds = [prompt_seed(cfg.seed, step, first_group + j) for j in range(len(indices))]
-    outputs = engine.generate(prompt_ids, cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, seeds=seeds, stop=cfg.stop_strings())
-    return [Sample(idx, prompts.examples[idx], prompt_ids[j], c.ids, c.finish, c.logprobs, first_group + j)
-            for j, idx in enumerate(indices) for c in outputs[j]]
-
-
 def collect(cfg, engine, prompts, order, state, objective: Objective, ctx: StepContext, timer: StepTimer,
-            rank: int, world: int, sharded_policy=None, extra_reward=None
+            rank: int, world: int, sharded_policy=None, extra_reward=None, first_round: list[Sample] | None = None
             ) -> tuple[list[Sample], torch.Tensor | None, dict]:
     """The step's samples (and their rewards when the objective scores before the
     forward). With a group filter, more prompts are sampled until the step has
     prompts_per_step kept groups or the filter's extra rounds are spent; which groups
     are kept is decided on the stds of all ranks, in global prompt order, so every
-    rank agrees and one process keeps what several would."""
+    rank agrees and one process keeps what several would. `first_round`: the first
+    round's samples, sampled ahead (AheadRollouts), its prompts already taken."""
     per_rank = cfg.prompts_per_step // world
     group_filter = objective.group_filter()
     rounds = 1 + (group_filter.extra_rounds if group_filter is not None else 0)
     kept, kept_rewards, n_kept, info = [], [], 0, {"rounds": 0}
     for round_ in range(rounds):
-        indices = order.take(state.data_position, cfg.prompts_per_step)
-        state.data_position += cfg.prompts_per_step
+        if round_ > 0 or first_round is None:
+            indices = order.take(state.data_position, cfg.prompts_per_step)
+            state.data_position += cfg.prompts_per_step
         first = round_ * cfg.prompts_per_step + rank * per_rank
         with timer("rollout"):
             if sharded_policy is not None:
                 sharded_policy.unshard()  # generation bypasses the root module's hooks
-            samples = rollout(cfg, engine, prompts, indices[rank * per_rank:(rank + 1) * per_rank], first, ctx.step)
+            if round_ == 0 and first_round is not None:
+                samples = first_round
+            else:
+                samples = rollout(cfg, engine, prompts, indices[rank * per_rank:(rank + 1) * per_rank], first,
+                                  ctx.step)
             samples = objective.continue_rollout(samples, engine, ctx)
             if sharded_policy is not None:
                 sharded_policy.reshard()
@@ -214,22 +211,55 @@ class ExtraReward:
 
 
 def make_engine(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path, sharded: bool,
-                longest_sequence=None):
+                longest_sequence=None, version: int = 0, rank: int = 0, world: int = 1):
     """The rollout engine; `longest_sequence()` is the most tokens one sampled sequence
-    can hold (vLLM's max_model_len)."""
+    can hold (vLLM's max_model_len). With engine processes, they start from the model's
+    weights as policy `version`."""
     if cfg.rollout == "vllm":
-        from pyvf.runtime.rollout.vllm import VLLMEngine, vllm_available
+        from pyvf.runtime.rollout.vllm import INSTALL_HINT, vllm_available
 
         if not vllm_available():
-            from pyvf.runtime.rollout.vllm import INSTALL_HINT
-
             raise ConfigError(f"--rollout vllm: {INSTALL_HINT}")
+    if cfg.engine_procs():
+        return engine_processes(cfg, model, tokenizer, stop_token_ids, cache_dir, longest_sequence, version, rank,
+                                world)
+    if cfg.rollout == "vllm":
+        from pyvf.runtime.rollout.vllm import VLLMEngine
+
         return VLLMEngine.from_model(model, tokenizer, stop_token_ids=stop_token_ids, cache_dir=cache_dir,
                                      dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                                      max_model_len=longest_sequence())
 
     return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids, synced=sharded)
+
+
+def engine_processes(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[int], cache_dir: Path,
+                     longest_sequence, version: int, rank: int = 0, world: int = 1):
+    """cfg.engine_procs() engines, each on a copy of the model's architecture, started
+    from its weights: processes started here on the model's device (on a CPU the cores
+    are split between them and this process, rollout_threads), or the torchrun job's
+    engine ranks (rollout_ranks), which every trainer rank sends its prompts to."""
+    procs = cfg.engine_procs()
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    weights = model.state_dict()
+    threads = spec_threads(procs, cfg.rollout_threads)
+    vllm = {}
+    if cfg.rollout == "vllm":
+        vllm = dict(cache_dir=str(cache_dir), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
+                    max_model_len=longest_sequence())
+    if device.type == "cpu" and not cfg.rollout_ranks:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores - procs * threads))
+        log.info("train: %d CPU thread(s) train, %d engine process(es) sample on %d each", torch.get_num_threads(),
+                 procs, threads)
+    spec = EngineSpec(cfg.rollout, model.config, tokenizer, list(stop_token_ids), WeightLayout.of(weights, dtype),
+                      dtype=dtype, threads=threads, device=str(device) if device.type == "cuda" else "cpu", vllm=vllm,
+                      trainers=world)
+    if cfg.rollout_ranks:
+        return EngineProcesses(spec, procs, weights, version=version, store=distributed.job_store(), rank=rank)
+    return EngineProcesses(spec, procs, weights, version=version)
 
 
 class NonFiniteError(RuntimeError):
@@ -244,6 +274,7 @@ class Trainer:
         self.cfg = cfg
         self.nonfinite_in_row = 0
         self._pending = None  # (step, future of an async save or None) until finish_save completes it
+        self.ahead = None  # AheadRollouts (rollout_mode one_step_off, async)
         self.__dict__.update(parts)
 
     @classmethod
@@ -253,10 +284,14 @@ class Trainer:
         `model` and `tokenizer` replace the ones cfg names (a benchmark's, a test's)."""
         cfg.validate()
         mixed = cfg.dtype == "bfloat16"  # bf16 compute, fp32 master weights: FSDP2's, in any number of processes
-        rank, world, device = distributed.setup(cfg.device, group_of_one=mixed)
+        rank, world, device = distributed.setup(cfg.device, group_of_one=mixed, engine_ranks=cfg.rollout_ranks)
         if device.type == "cpu":
             flush_subnormals(True)  # a tiny reward makes the backward subnormal, 100x slower on x86
         sharded = world > 1 or mixed
+        if cfg.engine_procs() and world > 1 and not cfg.rollout_ranks:
+            raise ConfigError(f"rollout_procs / rollout_mode {cfg.rollout_mode} start engine processes beside one "
+                              f"trainer process, and this run has {world}: under torchrun, name the ranks that "
+                              f"sample with --rollout-ranks K")
         if cfg.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} processes")
         torch.manual_seed(cfg.seed)
@@ -299,7 +334,19 @@ class Trainer:
         engine = engine or make_engine(
             cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded,
             lambda: (max(len(prompts[i]) for i in range(len(examples))) + cfg.max_new_tokens
-                     + objective.continuation_tokens()))
+                     + objective.continuation_tokens()), version=state.step, rank=rank, world=world)
+        order = DataOrder(len(examples), cfg.seed)
+        ahead = None
+        if cfg.rollout_mode != "sync":
+            if not hasattr(engine, "submit"):
+                raise ConfigError(f"rollout_mode {cfg.rollout_mode} samples ahead on engine processes; the engine "
+                                  f"given ({type(engine).__name__}) has no submit/result")
+            ahead = AheadRollouts(cfg, engine, prompts, order, state, rank=rank, world=world)
+            if resume:
+                ahead.load_state_dict(checkpoint.load_rollout_state(resume))
+        elif resume and checkpoint.load_rollout_state(resume).get("ranks"):
+            log.warning("train: the checkpoint had batches in flight (rollout_mode %s); this sync run skips their "
+                        "prompts", checkpoint.load_rollout_state(resume).get("mode"))
         if sharded:
             distributed.shard(policy, mixed_precision=mixed)
         objective.after_shard(sharded)
@@ -322,8 +369,8 @@ class Trainer:
             log.info("train: %s", describe(tokenizer, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
                                            assistant_prefix=cfg.assistant_prefix))
         return cls(cfg, rank=rank, world=world, device=device, sharded=sharded, out_dir=out_dir, tokenizer=tokenizer,
-                   objective=objective, prompts=prompts, order=DataOrder(len(examples), cfg.seed), policy=policy,
-                   engine=engine, optimizer=optimizer, state=state, resumed=bool(resume),
+                   objective=objective, prompts=prompts, order=order, policy=policy, engine=engine, ahead=ahead,
+                   optimizer=optimizer, state=state, resumed=bool(resume),
                    extra_reward=ExtraReward(cfg, tokenizer, policy, examples) if cfg.reward else None,
                    metrics=MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None)
 
@@ -337,9 +384,16 @@ class Trainer:
         ctx = StepContext(step=step, policy=policy, temperature=cfg.temperature, device=self.device, world=self.world,
                           rank=self.rank)
         engine.wake()
+        first_round, ahead_info = None, {}
+        if self.ahead is not None:
+            self.ahead.fill(step)
+            with timer("rollout"):
+                first_round, ahead_info = self.ahead.take(step)
         samples, rewards, info = collect(cfg, engine, self.prompts, self.order, self.state, self.objective, ctx, timer,
-                                         self.rank, self.world, sharded_policy=policy if self.sharded else None,
-                                         extra_reward=self.extra_reward)
+                                         self.rank, self.world,
+                                         sharded_policy=policy if self.sharded and self.ahead is None
+                                         and not hasattr(engine, "publish") else None,
+                                         extra_reward=self.extra_reward, first_round=first_round)
         engine.sleep()
         policy.train()
         sums = accumulate_gradients(cfg, self.objective, self.objective.config.loss_agg, policy, samples, rewards,
@@ -356,13 +410,22 @@ class Trainer:
         if not finite and self.rank == 0:
             log.warning("step %d: loss %s, gradient norm %s: not finite, the step is skipped (%d in a row)", step,
                         sums["loss"], _value(grad_norm), self.nonfinite_in_row)
-        if finite and cfg.rollout == "vllm":
+        if hasattr(engine, "publish"):  # engine processes: every step is a version, updated or not
+            with timer("weight_sync"):
+                weights = distributed.full_model_state(policy, True) if self.sharded else policy.model.state_dict()
+                engine.publish(weights, step)
+        elif finite and cfg.rollout == "vllm":
             with timer("weight_sync"):  # device tensors in one process, gathered shards under torchrun
                 weights = distributed.full_model_state(policy, True) if self.sharded else policy.model.state_dict()
                 engine.update_weights(weights.items())
+        engine_times = engine.step_times() if hasattr(engine, "step_times") else {}
         record = step_record(cfg, step, sums, ctx, info, grad_norm, timer, time.perf_counter() - t0, self.world,
                              self.device)
         record["skipped_nonfinite"] = 0 if finite else 1
+        if hasattr(engine, "publish"):
+            record["engine_idle_s"] = engine_times.get("engine_idle_s", 0.0)
+            record["trainer_idle_s"] = engine_times.get("wait_s", 0.0)
+            record["dropped_groups"] = ahead_info.get("dropped_groups", 0)
         if self.rank == 0:
             self.metrics.write(record)
             if sums["over_length"]:
@@ -388,11 +451,16 @@ class Trainer:
         self.finish_save()  # one save in flight at a time
         step = self.state.step
         objective_state = self.objective.state_dict()  # every rank: it may gather shards
+        rollout_state = None
+        if self.ahead is not None:  # every rank's batches in flight, kept by rank 0
+            rollout_state = {"mode": self.cfg.rollout_mode,
+                             "ranks": distributed.all_gather_objects(self.ahead.state_dict())}
         future = checkpoint.save_shards(self.out_dir, step, self.policy, self.optimizer,
                                         use_async=self.cfg.async_checkpoint,
                                         async_group=self._async_group() if self.cfg.async_checkpoint else None)
         if self.rank == 0:
-            checkpoint.stage_state(self.out_dir, state=self.state, objective_state=objective_state)
+            checkpoint.stage_state(self.out_dir, state=self.state, objective_state=objective_state,
+                                   rollout_state=rollout_state)
         self._pending = (step, future)
         if future is None:
             self.finish_save()
@@ -415,6 +483,11 @@ class Trainer:
                                        keep=self.cfg.keep_checkpoints)
             log.info("checkpoint: %s", path)
         distributed.barrier()
+
+    def close(self) -> None:
+        """Ends the engine processes, if any (`run` does at its end)."""
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     def _async_group(self):
         """A gloo process group for async saves alone (None without a process group): the
@@ -449,6 +522,10 @@ class Trainer:
                             break
         except NonFiniteError:
             self.finish_save()  # every rank raises it at the same step: the last good weights
+            self.close()
+            raise
+        except BaseException:
+            self.close()
             raise
         finally:
             if progress is not None:
@@ -456,6 +533,7 @@ class Trainer:
         if state.step != last_saved and state.step > 0:
             self.save()
         self.finish_save()
+        self.close()
         if self.rank == 0:
             if cfg.plot:
                 plot(self.metrics.records(), self.out_dir / "metrics.png", title=f"pyvf {cfg.objective} ({cfg.model})")
@@ -490,7 +568,14 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: str | None = None, engine=None) -> dict:
     """Runs optimizer steps up to cfg.max_steps (from a checkpoint when `resume` is
-    given) and returns the last step's metrics."""
+    given) and returns the last step's metrics. On an engine rank of rollout_ranks: serves
+    rollouts until the trainer ends, and returns {}."""
+    index = distributed.engine_rank(cfg.rollout_ranks)
+    if index is not None:
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if want_cuda else "cpu"
+        serve_engine_rank(distributed.job_store(), index, cfg.rollout_ranks + 1, device)
+        return {}
     return Trainer.build(cfg, resume=resume, engine=engine).run()
 
 
@@ -592,7 +677,17 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
     # Every rank runs as many forwards as the busiest one (FSDP2's collectives pair up).
     n_micro = int(distributed.all_max(float(len(plan)), device))
     sums = dict(loss=0.0, tokens=0.0, diff=0.0, diff_n=0.0, entropy=0.0, entropy_n=0.0, nonfinite=0.0,
-                micro_batches=float(len(plan)), sequences=float(len(seqs)), separated=float(len(separated)))
+                micro_batches=float(len(plan)), sequences=float(len(seqs)), separated=float(len(separated)),
+                is_weight=0.0, is_tokens=0.0, is_capped=0.0, staleness=0.0)
+    maxima = dict(is_weight_max=0.0, staleness_max=0.0)
+    # Behaviour log-probs of the samples whose sampling policy is not the trained one (an
+    # older version, an engine with other numerics): their sampled tokens get TIS weights.
+    behaviour = [s.rollout_logprobs if (cfg.tis_cap and not objective.weights_sampled_tokens
+                                        and not s.behaviour_is_current(ctx.step)) else None for s in samples]
+    for s in samples:
+        lag = ctx.step - 1 - s.policy_version if s.policy_version is not None else 0
+        sums["staleness"] += lag
+        maxima["staleness_max"] = max(maxima["staleness_max"], float(lag))
     with timer("forward_backward"):
         for k in range(n_micro):
             if k >= len(plan):
@@ -604,7 +699,7 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
             mb = train_seqs.micro_batch(plan[k], device)
             _backward(cfg, objective, loss_agg, policy, mb, ctx, sums, world,
                       aggregation_scale(loss_agg, mb, trained_rows_per_sample=rows_per_sample,
-                                        n_samples=int(n_samples), n_trained_rows=int(n_rows)))
+                                        n_samples=int(n_samples), n_trained_rows=int(n_rows)), behaviour, maxima)
 
     sums["reward"] = float(ctx.rewards.sum()) if ctx.rewards is not None else 0.0
     sums["adv_sq"] = float((ctx.advantages.double() ** 2).sum()) if ctx.advantages is not None else 0.0
@@ -616,6 +711,8 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
     keys = list(sums)
     totals = dict(zip(keys, distributed.all_sum([sums[k] for k in keys], device)))
     totals["samples_global"] = n_samples
+    for key, value in maxima.items():
+        totals[key] = distributed.all_max(value, device)
     # The objective's own metrics: (sum, count) pairs reduced the same way.
     names = sorted(ctx.metrics)
     flat = distributed.all_sum([v for k in names for v in ctx.metrics[k][:2]], device)
@@ -624,13 +721,35 @@ def accumulate_gradients(cfg: TrainConfig, objective: Objective, loss_agg: str, 
 
 
 def _backward(cfg: TrainConfig, objective: Objective, loss_agg: str, policy: Policy, mb: MicroBatch,
-              ctx: StepContext, sums: dict, world: int, scale: torch.Tensor) -> None:
-    """One micro-batch: the objective's look and coefficients, the lm_head pass, backward."""
+              ctx: StepContext, sums: dict, world: int, scale: torch.Tensor, behaviour: list | None = None,
+              maxima: dict | None = None) -> None:
+    """One micro-batch: the objective's look and coefficients, the lm_head pass, backward.
+    `behaviour[i]`: sample i's behaviour log-probs where its sampled tokens take a TIS
+    weight min(pi / pi_behaviour, tis_cap) on their coefficients (None: no weight)."""
     device = ctx.device
     batch = mb.batch
+    own_look = objective.look(mb, ctx)
+    behaviour_rows = per_token_rows(mb, behaviour) if behaviour is not None and any(
+        b is not None for b in behaviour) else None
+    weighted = None if behaviour_rows is None else ~torch.isnan(behaviour_rows)
+    if weighted is not None and not weighted.any():
+        weighted = None
+    look = own_look if weighted is None else (weighted if own_look is None else own_look.to(device) | weighted)
 
     def coefficients(looked):
-        c, e = objective.coefficients(mb, looked, ctx)
+        seen = looked
+        if weighted is not None and cfg.lm_head_pass == "fused":
+            # the objective sees its own rows, as it would without the weighted ones
+            seen = None if own_look is None else torch.where(own_look.to(device), looked, torch.zeros_like(looked))
+        c, e = objective.coefficients(mb, seen, ctx)
+        if weighted is not None:
+            ratio = torch.exp(looked.detach().double() - torch.where(weighted, behaviour_rows, 0.0))
+            w = torch.where(weighted, ratio.clamp(max=cfg.tis_cap), torch.ones_like(ratio))
+            c = c.to(device) * w.to(c.dtype)
+            sums["is_weight"] += float(ratio[weighted].clamp(max=cfg.tis_cap).sum())
+            sums["is_tokens"] += float(weighted.sum())
+            sums["is_capped"] += float((ratio[weighted] > cfg.tis_cap).sum())
+            maxima["is_weight_max"] = max(maxima["is_weight_max"], float(ratio[weighted].max()))
         c, e = c.to(device) * scale, (None if e is None else e.to(device) * scale)
         if not (torch.isfinite(c).all() and (e is None or torch.isfinite(e).all())):
             # An overflow upstream (the look, a reward): this micro-batch trains
@@ -639,7 +758,7 @@ def _backward(cfg: TrainConfig, objective: Objective, loss_agg: str, policy: Pol
             return torch.zeros_like(c), None
         return c, e
 
-    loss, logprobs, entropy = policy(batch, cfg.temperature, coefficients=coefficients, look=objective.look(mb, ctx))
+    loss, logprobs, entropy = policy(batch, cfg.temperature, coefficients=coefficients, look=look)
     # FSDP2 averages gradients over ranks; the coefficients already divide by the
     # step's global totals, so each rank's share is scaled back up.
     (loss * world).backward()
@@ -675,6 +794,11 @@ def step_record(cfg, step, t, ctx, info, grad_norm, timer, dt, world, device) ->
         "reasoning_len": t["completion_len"] / n,
         "entropy": t["entropy"] / max(t["entropy_n"], 1.0),
         "rollout_logprob_diff": t["diff"] / max(t["diff_n"], 1.0),
+        "staleness": t["staleness"] / n,
+        "staleness_max": t["staleness_max"],
+        "is_weight": t["is_weight"] / t["is_tokens"] if t["is_tokens"] else 1.0,
+        "is_weight_max": t["is_weight_max"] if t["is_tokens"] else 1.0,
+        "is_capped_frac": t["is_capped"] / max(t["is_tokens"], 1.0),
         "grad_norm": _value(grad_norm),
         "tokens_per_s": t["tokens"] / dt,
         "step_time": dt,

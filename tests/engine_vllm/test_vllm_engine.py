@@ -148,3 +148,25 @@ def test_train_with_vllm_keeps_the_engine_in_sync(tmp_path):
     for r in records:
         assert math.isfinite(r["loss"]) and r["rollout_logprob_diff"] <= 1e-3, r
         assert r["time_weight_sync"] > 0
+
+
+def test_vllm_in_an_engine_process_one_step_off(tmp_path):
+    """`--rollout vllm --rollout-mode one_step_off`: vLLM runs in its own process and gets
+    the weights over gloo. Batch t is sampled with the weights after step t-2, and every
+    sampled token takes a TIS weight (vLLM's numerics are not the trainer's), near 1 at
+    this learning rate; the engine's log-probs of the first batch (no lag yet) match the
+    trainer's."""
+    import json
+    import math
+
+    from pyvf.cli import main as cli
+
+    out = tmp_path / "run"
+    assert cli(["train", "--rollout", "vllm", "--rollout-mode", "one_step_off", "--max-steps", "3", "--lr", "1e-4",
+                "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "40", "--n-synthetic", "64",
+                "--progress", "false", "--plot", "false", "--output-dir", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["staleness"] for r in records] == [0.0, 1.0, 1.0]
+    assert records[0]["rollout_logprob_diff"] <= 1e-3
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["is_weight"] != 1.0 and 0.9 < r["is_weight"] < 1.1, r

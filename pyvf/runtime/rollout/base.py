@@ -16,6 +16,7 @@ class Completion:
     ids: list[int]         # sampled tokens, through the stop string's last token or the EOS when one ended it
     finish: str            # "stop" (a stop string), "eos" (an EOS id), "length" (max_new_tokens)
     logprobs: list[float]  # sampling log-prob of each token in ids (processed: after temperature)
+    policy_version: int | None = None  # the weights' version that sampled it (engine processes); None: the trainer's own
 
     @property
     def truncated(self) -> bool:
@@ -24,6 +25,9 @@ class Completion:
 
 class RolloutEngine(Protocol):
     name: str  # "hf" or "vllm"
+    # True when its samples come from the trainer's current weights with the trainer's
+    # numerics (no importance weight is needed); an engine without it counts as True.
+    on_policy: bool
 
     def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
                  seeds: list[int], stop: list[str], min_new_tokens: int = 0) -> list[list[Completion]]:

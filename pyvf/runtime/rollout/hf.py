@@ -148,6 +148,7 @@ class HFGenerate:
     samples does not depend on the rest of the batch or the rank."""
 
     name = "hf"
+    on_policy = True  # samples from the trained module itself
 
     def __init__(self, model, tokenizer, *, stop_token_ids: list[int] | None = None, synced: bool = False):
         self.model = model

@@ -80,6 +80,7 @@ class VLLMEngine:
     batch or the rank; returns token ids and processed (after temperature) log-probs."""
 
     name = "vllm"
+    on_policy = False  # its kernels and precision differ from the trainer's: samples get importance weights
 
     def __init__(self, llm, *, stop_token_ids: list[int], on_gpu: bool, max_num_batched_tokens: int):
         self.llm = llm
