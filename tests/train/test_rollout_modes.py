@@ -220,13 +220,13 @@ def test_sigterm_to_the_process_group_checkpoints_the_batch_in_flight(tmp_path):
 def test_async_with_an_engine_process_trains_the_demo_task(tmp_path):
     """The demo's task and settings (8 prompts x 8 samples, 48 new tokens), async with one
     engine process, at a larger learning rate for a short run: held-out accuracy rises
-    (the demo model starts at 29.5% on these 200 questions)."""
+    on 100 held-out questions."""
     from pyvf.workflows.evaluate import evaluate_path
 
     out = tmp_path / "async"
-    records = run(out, "--max-steps", "20", "--rollout-mode", "async", "--prompts-per-step", "8", "--group-size",
+    records = run(out, "--max-steps", "12", "--rollout-mode", "async", "--prompts-per-step", "8", "--group-size",
                   "8", "--max-new-tokens", "48", "--lr", "1e-4", "--micro-batch-tokens", "16384")
     assert max(r["staleness_max"] for r in records) == 1
-    before = evaluate_path("builtin", "synthetic", 200, 64)["accuracy"]
-    after = evaluate_path(str(out / "checkpoints" / "step-000020"), "synthetic", 200, 64)["accuracy"]
+    before = evaluate_path("builtin", "synthetic", 100, 64)["accuracy"]  # 28% on these 100
+    after = evaluate_path(str(out / "checkpoints" / "step-000012"), "synthetic", 100, 64)["accuracy"]  # 37% measured
     assert after >= before + 0.04, (before, after)

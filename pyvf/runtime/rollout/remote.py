@@ -258,6 +258,8 @@ def serve(store, spec: EngineSpec, index: int, size: int, *, prefixed: bool = Fa
                     buffers = spec.layout.empty(spec.device)
                     for b in buffers:
                         _broadcast(group, b).wait()
+                    if spec.device.startswith("cuda"):
+                        torch.cuda.synchronize(spec.device)  # the generator thread reads them next
                     with cond:
                         staged[version] = buffers
                         cond.notify_all()
