@@ -60,7 +60,8 @@ def encode_with_leading_specials(tokenizer, text: str) -> list[int]:
 
 
 def render_prompt_ids(tokenizer, question: str, *, template: str = "", chat_template: str = "auto",
-                      system_prompt: str = "", assistant_prefix: str = "") -> list[int]:
+                      system_prompt: str = "", assistant_prefix: str = "",
+                      messages: tuple[tuple[str, str], ...] | None = None) -> list[int]:
     """The token ids of one prompt.
 
     `template` (default: the synthetic task's PROMPT_TEMPLATE) must contain {question}.
@@ -70,15 +71,24 @@ def render_prompt_ids(tokenizer, question: str, *, template: str = "", chat_temp
     own BOS (as in `apply_chat_template(tokenize=True)`), so no special tokens are added
     when encoding. Without one the text is `system_prompt`, a blank line, the rendered
     template and `assistant_prefix`, after the BOS the tokenizer adds by default (none
-    for the shipped tokenizer or Qwen's, one for Llama's)."""
+    for the shipped tokenizer or Qwen's, one for Llama's).
+
+    `messages` ((role, content) pairs, a data set's chat prompt) replace the question and
+    the template: rendered as given (`system_prompt` only where they have no system turn);
+    without a chat template their contents are joined by blank lines."""
     if template and "{question}" not in template:
         raise ValueError(f"template must contain {{question}}, got {template!r}")
-    user = _user_text(question, template)
+    if messages:
+        turns = [{"role": role, "content": content} for role, content in messages]
+        if system_prompt and not any(t["role"] == "system" for t in turns):
+            turns = [{"role": "system", "content": system_prompt}] + turns
+    else:
+        turns = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": _user_text(question, template)}]
     if not uses_chat_template(tokenizer, chat_template):
-        text = (f"{system_prompt}\n\n" if system_prompt else "") + user + assistant_prefix
+        text = "\n\n".join(t["content"] for t in turns) + assistant_prefix
         return encode_with_leading_specials(tokenizer, text)
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": user}]
+    messages = turns
     from jinja2.exceptions import TemplateError
 
     try:

@@ -151,3 +151,18 @@ def test_ensure_pad_token():
     no_eos.eos_token = None
     endoftext = no_eos.convert_tokens_to_ids(ENDOFTEXT)
     assert ensure_pad_token(no_eos, [endoftext]) and no_eos.pad_token_id == endoftext
+
+
+def test_chat_messages_from_a_data_set_render_as_given(loaded):
+    """A data set's chat prompt (verl, TRL): its turns as they are, no task template; the
+    system prompt only where the messages have no system turn; joined plainly without a
+    chat template."""
+    _, tok = loaded
+    turns = (("system", "Be brief."), ("user", QUESTION))
+    assert text_of(tok, render_prompt_ids(tok, QUESTION, messages=turns, system_prompt="ignored")) == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert text_of(tok, render_prompt_ids(tok, QUESTION, messages=turns[1:], system_prompt="Sys")).startswith(
+        "<|im_start|>system\nSys<|im_end|>\n<|im_start|>user\n")
+    plain = load_tokenizer()
+    assert render_prompt_ids(plain, QUESTION, messages=turns) == plain(f"Be brief.\n\n{QUESTION}",
+                                                                      add_special_tokens=False)["input_ids"]

@@ -10,3 +10,6 @@ class Example:
     question: str
     answers: tuple[str, ...]      # equivalent references, first is canonical (empty: no reference)
     weights: tuple[float, ...]    # one per answer, summing to 1
+    # A prompt given as chat messages ((role, content), ...): rendered with the model's chat
+    # template as given; `question` is then its last user turn.
+    messages: tuple[tuple[str, str], ...] | None = None

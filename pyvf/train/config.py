@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from pyvf.data.files import DataKeys
 from pyvf.objectives import get_objective, objective_names
 from pyvf.objectives.base import ObjectiveConfig
 from pyvf.options import ConfigError, check, coerce, is_optional, keys, option
@@ -32,8 +33,17 @@ log = logging.getLogger("pyvf")
 class TrainConfig:
     # what to train (changing one of these on --resume makes it another run: IDENTITY)
     model: str = option("builtin", "builtin (the shipped tiny model), a Hugging Face model directory or a run")
-    data: str = option("synthetic", "synthetic, synthetic-long (the worked solution as the reference), openended "
-                                    "or a JSONL file with question/answer rows")
+    data: str = option("synthetic", "synthetic, synthetic-long (the worked solution as the reference), openended, "
+                                    "or a JSONL, JSON, Parquet or CSV file or a `datasets` directory of "
+                                    "question/answer rows (verl and TRL rows need no key flags)")
+    question_key: str = option("", "the data's question column, a dotted path into nested values (\"\": "
+                                   "question, problem, prompt, query or input)")
+    answer_key: str = option("", "the data's reference column, a string or a list of equivalent answers, dotted "
+                                 "path (\"\": reward_model.ground_truth, answer, solution, ground_truth, reference, "
+                                 "target or label)")
+    weights_key: str = option("", "the data's per-answer weights column (\"\": weights, when there)")
+    split: str = option("", "the split of a `datasets` directory or JSON file that holds several (\"\": train, or "
+                            "the only one)")
     objective: str = option("verifree", "verifree jepo rlpr nover verifier pcl rzero selfrubric, or module:Class")
     output_dir: str = option("runs/pyvf", "where checkpoints, metrics.jsonl and the plot go")
     seed: int = option(0, "seeds the data order, the sampling and the initialization")
@@ -171,6 +181,9 @@ class TrainConfig:
         if self.answer_template.count("{ref}") != 1:
             raise ConfigError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
         return self
+
+    def data_keys(self) -> DataKeys:
+        return DataKeys(self.question_key, self.answer_key, self.weights_key, self.split)
 
     def engine_procs(self) -> int:
         """Engines in processes of their own: rollout_ranks, rollout_procs, or 1 when the

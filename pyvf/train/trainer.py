@@ -76,8 +76,12 @@ class Prompts:
         template = cfg.prompt_template or (objective.prompt_template if objective is not None else "")
         fill_in = objective.prompt if objective is not None else lambda question, template: (question, template)
 
-        def render(question: str) -> list[int]:
-            text, fill = fill_in(question, template)
+        def render(example) -> list[int]:
+            if example.messages:  # a data set's chat prompt, as given
+                return render_prompt_ids(tokenizer, example.question, messages=example.messages,
+                                         chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                                         assistant_prefix=cfg.assistant_prefix)
+            text, fill = fill_in(example.question, template)
             return render_prompt_ids(tokenizer, text, template=fill, chat_template=cfg.chat_template,
                                      system_prompt=cfg.system_prompt, assistant_prefix=cfg.assistant_prefix)
 
@@ -87,7 +91,7 @@ class Prompts:
 
     def __getitem__(self, index: int) -> list[int]:
         if index not in self._ids:
-            self._ids[index] = self._render(self.examples[index].question)
+            self._ids[index] = self._render(self.examples[index])
         return self._ids[index]
 
 
@@ -310,7 +314,7 @@ class Trainer:
         model.to(device)
         if cfg.activation_checkpointing == "full" or (cfg.activation_checkpointing == "auto" and device.type == "cuda"):
             enable_activation_checkpointing(model)
-        examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic)
+        examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic, keys=cfg.data_keys())
         objective = get_objective(cfg.objective)(cfg, tokenizer)
         prompts = Prompts(cfg, tokenizer, examples, objective)
         _check_data(cfg, tokenizer, prompts, objective)

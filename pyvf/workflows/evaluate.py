@@ -36,7 +36,8 @@ def evaluate(model, tokenizer, examples: list[Example], *, max_new_tokens: int =
              chat_template: str = "auto", system_prompt: str = "", assistant_prefix: str = "",
              stop: tuple[str, ...] = ("</answer>",), batch_size: int = 64) -> dict:
     prompts = [render_prompt_ids(tokenizer, ex.question, template=prompt_template, chat_template=chat_template,
-                                 system_prompt=system_prompt, assistant_prefix=assistant_prefix) for ex in examples]
+                                 system_prompt=system_prompt, assistant_prefix=assistant_prefix, messages=ex.messages)
+               for ex in examples]
     outputs = greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, stop=list(stop),
                      stop_token_ids=stop_token_ids(model, tokenizer))
     details = []
@@ -71,7 +72,8 @@ def evaluate_long(model, tokenizer, examples: list[Example], short_examples: lis
     if len(short_examples) != len(examples):
         raise ValueError(f"short_examples must pair with examples, got {len(short_examples)} and {len(examples)}")
     prompts = [render_prompt_ids(tokenizer, ex.question, template=prompt_template, chat_template=chat_template,
-                                 system_prompt=system_prompt, assistant_prefix=assistant_prefix) for ex in examples]
+                                 system_prompt=system_prompt, assistant_prefix=assistant_prefix, messages=ex.messages)
+               for ex in examples]
     outputs = greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, stop=list(stop),
                      stop_token_ids=stop_token_ids(model, tokenizer))
     device = model.get_output_embeddings().weight.device
@@ -108,7 +110,8 @@ def evaluate_path(model_spec: str, data: str, limit: int | None, max_new_tokens:
 @dataclass
 class EvalOptions(PromptOptions):
     model: str = option("builtin", "model directory, a run, or builtin")
-    data: str = option("synthetic", "JSONL file of question/answer rows, or synthetic / synthetic-long (held out)")
+    data: str = option("synthetic", "a JSONL, JSON, Parquet or CSV file or a `datasets` directory of question/answer "
+                                    "rows (as `pyvf train --data`), or synthetic / synthetic-long (held out)")
     limit: int | None = option(None, "evaluate only the first N questions", minimum=1)
     max_new_tokens: int = option(64, "longest completion", minimum=1)
     stop: str = option("</answer>", "stop strings, | separated (\"\" for EOS only)")

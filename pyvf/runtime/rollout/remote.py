@@ -314,8 +314,7 @@ def serve(store, spec: EngineSpec, index: int, size: int, *, prefixed: bool = Fa
                 ("done", req.ticket, index, [[(c.ids, c.finish, c.logprobs) for c in group_] for group_ in out],
                  current, idle, waited_since - started))
             idle = 0.0
-        receiver.join(timeout=10)  # it ends on the None that close() sends; gloo's threads end with the group
-        del group
+        receiver.join(timeout=10)  # it ends on the None that close() sends
     except BaseException:  # noqa: BLE001 - every trainer rank raises it with the engine's traceback
         for rank in range(spec.trainers):
             _results(store, rank).put(("error", -1, index, traceback.format_exc(), -1, 0.0, 0.0))

@@ -1,0 +1,87 @@
+"""Data files in the formats users have (pyvf.data.files): every format written here by the
+test, verl and TRL rows found without flags, dotted keys, multiple-choice rows, and the
+errors that name what is missing."""
+
+import json
+import logging
+
+import pytest
+
+from pyvf.data.files import DataKeys, choice_letter, load_examples
+
+VERL_ROWS = [
+    {"data_source": "gsm", "prompt": [{"role": "system", "content": "Think first."},
+                                      {"role": "user", "content": "What is 3 + 4?"}],
+     "reward_model": {"ground_truth": "7", "style": "rule"}},
+    {"data_source": "gsm", "prompt": [{"role": "user", "content": "What is 2 * 5?"}],
+     "reward_model": {"ground_truth": "10", "style": "rule"}},
+]
+TRL_ROWS = [{"prompt": "What is 9 - 4?", "solution": "5"}, {"prompt": "What is 1 + 1?", "solution": "2"},
+            {"prompt": "", "solution": "3"}]
+CHOICE_ROWS = [
+    {"question": "Which is a prime?", "options": ["4", "6", "7", "9"], "answer": "C", "category": "math"},
+    {"question": "Water boils at?", "options": ["50 C", "100 C"], "answer": 1, "category": "physics"},
+    {"question": "Largest planet?", "options": ["Mars", "Jupiter"], "answer": "Jupiter", "category": "astronomy"},
+    {"question": "Out of range", "options": ["a", "b"], "answer": "E", "category": "x"},
+]
+
+
+def test_verl_parquet_rows_need_no_flags(tmp_path, caplog):
+    import datasets
+
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(VERL_ROWS).to_parquet(str(path))
+    with caplog.at_level(logging.INFO, logger="pyvf"):
+        examples = load_examples(path)
+    assert [e.answers for e in examples] == [("7",), ("10",)]
+    assert examples[0].messages == (("system", "Think first."), ("user", "What is 3 + 4?"))
+    assert examples[0].question == "What is 3 + 4?"
+    assert "via parquet: question from prompt (chat messages), answer from reward_model.ground_truth" in caplog.text
+
+
+def test_trl_datasets_directory_and_its_splits(tmp_path, caplog):
+    import datasets
+
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(TRL_ROWS).save_to_disk(str(one))
+    with caplog.at_level(logging.WARNING, logger="pyvf"):
+        examples = load_examples(one)
+    assert [(e.question, e.answers) for e in examples] == [("What is 9 - 4?", ("5",)), ("What is 1 + 1?", ("2",))]
+    assert "skipped 1 bad row(s)" in caplog.text
+    several = tmp_path / "several"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(TRL_ROWS[:1]),
+                          "validation": datasets.Dataset.from_list(TRL_ROWS[1:2])}).save_to_disk(str(several))
+    with pytest.raises(ValueError, match="holds the splits test, validation: choose one with --split"):
+        load_examples(several)
+    assert load_examples(several, DataKeys(split="validation"))[0].answers == ("2",)
+
+
+def test_csv_json_and_dotted_keys(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("problem,answer\nWhat is 6 / 3?,2\nWhat is 7 - 7?,0\n")
+    assert [e.answers for e in load_examples(csv)] == [("2",), ("0",)]  # numbers read as numbers, kept as text
+    nested = tmp_path / "d.json"
+    nested.write_text(json.dumps({"train": [{"q": {"text": "Say hi"}, "refs": {"all": ["hi", "hello"]},
+                                             "w": [3, 1]}]}))
+    keys = DataKeys(question="q.text", answer="refs.all", weights="w")
+    (ex,) = load_examples(nested, keys)
+    assert ex.question == "Say hi" and ex.answers == ("hi", "hello") and ex.weights == (0.75, 0.25)
+    with pytest.raises(ValueError, match=r"has no column 'q.body' \(--question-key\); its columns: q, q.text, refs"):
+        load_examples(nested, DataKeys(question="q.body"))
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"text": "x", "output_text": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"has no question column .* --question-key; its columns: text, output_text"):
+        load_examples(bare)
+    with pytest.raises(ValueError, match="not a file pyvf reads"):
+        (tmp_path / "d.txt").write_text("x")
+        load_examples(tmp_path / "d.txt")
+
+
+def test_multiple_choice_rows_become_lettered_questions(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in CHOICE_ROWS) + "\n")
+    examples = load_examples(path)
+    assert [e.answers for e in examples] == [("C",), ("B",), ("B",)]  # the out-of-range letter is a bad row
+    assert examples[0].question == "Which is a prime?\nA. 4\nB. 6\nC. 7\nD. 9"
+    assert choice_letter("(b)", ["x", "y"]) == "B" and choice_letter("1", ["x", "y"]) == "B"
+    assert choice_letter(True, ["x", "y"]) is None and choice_letter("z", ["x", "y"]) is None
