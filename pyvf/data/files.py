@@ -1,6 +1,6 @@
 """Question/answer data from the files people have: JSONL, JSON, Parquet, CSV and
 `datasets` directories (`save_to_disk`); Parquet, CSV and directories are read with the
-`datasets` library.
+`datasets` library (the `data` extra).
 
 Columns are found by name unless given (`DataKeys`, dotted paths into nested values):
 verl's rows (`prompt` as a list of chat messages, the reference under
@@ -38,6 +38,15 @@ class DataKeys:
     split: str = ""  # of a `datasets` directory holding several splits ("": train, or its only one)
 
 
+def _datasets(what: str):
+    """The `datasets` library (an extra: pip install "pyvf[data]")."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ValueError(f"data: reading {what} needs the datasets library: pip install \"pyvf[data]\" ({err})") from None
+    return datasets
+
+
 def read_rows(path: str | Path, split: str = "") -> tuple[list, str]:
     """(rows, the reader's name) of a data file or a `save_to_disk` directory. JSON lines
     and JSON are read row by row with Python's json (a row's answer may be a string and
@@ -45,8 +54,7 @@ def read_rows(path: str | Path, split: str = "") -> tuple[list, str]:
     is a bad row, None); Parquet, CSV and directories with the `datasets` library."""
     path = Path(path)
     if path.is_dir():
-        import datasets
-
+        datasets = _datasets(f"the directory {path}")
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             names = list(loaded)
@@ -81,8 +89,7 @@ def read_rows(path: str | Path, split: str = "") -> tuple[list, str]:
             raise ValueError(f"data: {path.name} must hold a list of rows")
         return data, "json"
     if suffix in (".parquet", ".csv"):
-        import datasets
-
+        datasets = _datasets(f"{suffix} files")
         datasets.disable_progress_bars()
         reader = suffix[1:]
         table = datasets.load_dataset(reader, data_files=str(path), split=split or "train", keep_in_memory=True)

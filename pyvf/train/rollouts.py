@@ -102,7 +102,8 @@ class AheadRollouts:
         return self.engine.result(entry["ticket"])
 
     def take(self, step: int) -> tuple[list[Sample], dict]:
-        """Step's first round (waits for it), and {staleness sums, dropped groups, waits}.
+        """Step's first round (waits for it), and {dropped_groups, wait_s, engine_idle_s,
+        engine_busy_s}.
         Async drops groups sampled more than max_staleness versions behind and samples them
         again with the newest weights."""
         cfg = self.cfg

@@ -4,6 +4,7 @@ errors that name what is missing."""
 
 import json
 import logging
+import sys
 
 import pytest
 
@@ -27,7 +28,8 @@ CHOICE_ROWS = [
 
 
 def test_verl_parquet_rows_need_no_flags(tmp_path, caplog):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not "
+                                               "import here (its pandas and pyarrow need numpy >= 2)")
 
     path = tmp_path / "train.parquet"
     datasets.Dataset.from_list(VERL_ROWS).to_parquet(str(path))
@@ -40,7 +42,8 @@ def test_verl_parquet_rows_need_no_flags(tmp_path, caplog):
 
 
 def test_trl_datasets_directory_and_its_splits(tmp_path, caplog):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not "
+                                               "import here (its pandas and pyarrow need numpy >= 2)")
 
     one = tmp_path / "one"
     datasets.Dataset.from_list(TRL_ROWS).save_to_disk(str(one))
@@ -57,9 +60,6 @@ def test_trl_datasets_directory_and_its_splits(tmp_path, caplog):
 
 
 def test_csv_json_and_dotted_keys(tmp_path):
-    csv = tmp_path / "d.csv"
-    csv.write_text("problem,answer\nWhat is 6 / 3?,2\nWhat is 7 - 7?,0\n")
-    assert [e.answers for e in load_examples(csv)] == [("2",), ("0",)]  # numbers read as numbers, kept as text
     nested = tmp_path / "d.json"
     nested.write_text(json.dumps({"train": [{"q": {"text": "Say hi"}, "refs": {"all": ["hi", "hello"]},
                                              "w": [3, 1]}]}))
@@ -75,6 +75,18 @@ def test_csv_json_and_dotted_keys(tmp_path):
     with pytest.raises(ValueError, match="not a file pyvf reads"):
         (tmp_path / "d.txt").write_text("x")
         load_examples(tmp_path / "d.txt")
+    pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not import "
+                                           "here (its pandas and pyarrow need numpy >= 2)")
+    csv = tmp_path / "d.csv"
+    csv.write_text("problem,answer\nWhat is 6 / 3?,2\nWhat is 7 - 7?,0\n")
+    assert [e.answers for e in load_examples(csv)] == [("2",), ("0",)]  # numbers read as numbers, kept as text
+
+
+def test_without_the_data_extra_parquet_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"needs the datasets library: pip install \"pyvf\[data\]\""):
+        load_examples(tmp_path / "d.parquet")
 
 
 def test_multiple_choice_rows_become_lettered_questions(tmp_path):

@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+import pytest
+
 from pyvf.cli import main as cli
 
 FAST = ["--max-steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "16",
@@ -21,7 +23,8 @@ def _metrics(out):
 
 
 def test_train_on_verl_parquet_and_trl_datasets_directory(tmp_path, caplog):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not "
+                                               "import here (its pandas and pyarrow need numpy >= 2)")
 
     verl = tmp_path / "verl.parquet"
     datasets.Dataset.from_list([{"data_source": "synthetic", "ability": "math",
