@@ -14,7 +14,6 @@ core to two (here sampling gains about 1.2x, training about 1.8x). `pyvf bench s
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -22,6 +21,7 @@ import torch
 
 from pyvf.bench import Record
 from pyvf.runtime.model import load_model_and_tokenizer
+from pyvf.runtime.rollout.remote import cpu_cores
 from pyvf.train.config import from_dict
 from pyvf.train.rollouts import ROLLOUT_MODES
 from pyvf.train.trainer import Trainer
@@ -45,10 +45,6 @@ def _random_builtin(device: torch.device):
     return fresh.to(device), tokenizer
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) -> list[Record]:
     prompts, group, new_tokens, steps = GPU_CASE if device.type == "cuda" else CPU_CASE
     if sizes is not None:
@@ -56,7 +52,7 @@ def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) 
     records = []
     sync_rate = None
     for mode in impls or IMPLS:
-        torch.set_num_threads(_cores())  # each mode starts from the whole machine; the trainer splits it
+        torch.set_num_threads(cpu_cores())  # each mode starts from the whole machine; the trainer splits it
         model, tokenizer = _random_builtin(device)
         cfg = from_dict(dict(objective="verifree", data="synthetic", n_synthetic=256, prompts_per_step=prompts,
                              group_size=group, max_new_tokens=new_tokens, stop="", lr=1e-6, rollout_mode=mode,
@@ -89,5 +85,5 @@ def run(device: torch.device, sizes: list[int] | None, impls: list[str] | None) 
         finally:
             trainer.close()
         records.append(rec)
-    torch.set_num_threads(_cores())
+    torch.set_num_threads(cpu_cores())
     return records

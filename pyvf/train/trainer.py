@@ -40,7 +40,9 @@ from pyvf.runtime.model import enable_activation_checkpointing, load_model_and_t
 from pyvf.runtime.policy import Policy
 from pyvf.runtime.preemption import PreemptionGuard
 from pyvf.runtime.rollout import HFGenerate
-from pyvf.runtime.rollout.remote import EngineProcesses, EngineSpec, WeightLayout, serve_engine_rank, spec_threads
+from pyvf.runtime.rollout.remote import (
+    EngineProcesses, EngineSpec, WeightLayout, cpu_cores, serve_engine_rank, spec_threads,
+)
 from pyvf.train.config import ConfigError, TrainConfig
 from pyvf.train.rollouts import AheadRollouts, rollout
 from pyvf.verify import get_verifier
@@ -254,8 +256,7 @@ def engine_processes(cfg: TrainConfig, model, tokenizer, stop_token_ids: list[in
         vllm = dict(cache_dir=str(cache_dir), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                     max_model_len=longest_sequence())
     if device.type == "cpu" and not cfg.rollout_ranks:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores - procs * threads))
+        torch.set_num_threads(max(1, cpu_cores() - procs * threads))
         log.info("train: %d CPU thread(s) train, %d engine process(es) sample on %d each", torch.get_num_threads(),
                  procs, threads)
     spec = EngineSpec(cfg.rollout, model.config, tokenizer, list(stop_token_ids), WeightLayout.of(weights, dtype),

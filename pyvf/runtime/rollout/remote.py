@@ -570,13 +570,15 @@ class EngineProcesses:
             pass
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def spec_threads(procs: int, threads: int) -> int:
     """CPU threads per engine process: `threads`, or (0) the cores split evenly between the
     trainer and the engines."""
-    if threads:
-        return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // (procs + 1))
+    return threads or max(1, cpu_cores() // (procs + 1))
 
 
-__all__ = ["ENGINE_KINDS", "EngineProcesses", "EngineSpec", "Ticket", "WeightLayout", "spec_threads"]
+__all__ = ["ENGINE_KINDS", "EngineProcesses", "EngineSpec", "Ticket", "WeightLayout", "cpu_cores", "spec_threads"]
