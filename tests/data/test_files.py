@@ -27,9 +27,15 @@ CHOICE_ROWS = [
 ]
 
 
+def data_extra():
+    """The `datasets` library, or a skip where it does not import (the lower-bounds job:
+    its pandas and pyarrow need numpy >= 2)."""
+    return pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not import "
+                                                  "here (its pandas and pyarrow need numpy >= 2)")
+
+
 def test_verl_parquet_rows_need_no_flags(tmp_path, caplog):
-    datasets = pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not "
-                                               "import here (its pandas and pyarrow need numpy >= 2)")
+    datasets = data_extra()
 
     path = tmp_path / "train.parquet"
     datasets.Dataset.from_list(VERL_ROWS).to_parquet(str(path))
@@ -42,8 +48,7 @@ def test_verl_parquet_rows_need_no_flags(tmp_path, caplog):
 
 
 def test_trl_datasets_directory_and_its_splits(tmp_path, caplog):
-    datasets = pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not "
-                                               "import here (its pandas and pyarrow need numpy >= 2)")
+    datasets = data_extra()
 
     one = tmp_path / "one"
     datasets.Dataset.from_list(TRL_ROWS).save_to_disk(str(one))
@@ -75,8 +80,7 @@ def test_csv_json_and_dotted_keys(tmp_path):
     with pytest.raises(ValueError, match="not a file pyvf reads"):
         (tmp_path / "d.txt").write_text("x")
         load_examples(tmp_path / "d.txt")
-    pytest.importorskip("datasets", reason="the data extra (datasets; in the test extra) does not import "
-                                           "here (its pandas and pyarrow need numpy >= 2)")
+    data_extra()
     csv = tmp_path / "d.csv"
     csv.write_text("problem,answer\nWhat is 6 / 3?,2\nWhat is 7 - 7?,0\n")
     assert [e.answers for e in load_examples(csv)] == [("2",), ("0",)]  # numbers read as numbers, kept as text
