@@ -170,5 +170,89 @@ def boxed_correct(completions: list[str], references: list[list[str]], *, backen
     return [is_equivalent(last_boxed(c), list(r), backend=backend) for c, r in zip(completions, references)]
 
 
-__all__ = ["BACKENDS", "answer_backend", "boxed_correct", "equivalent_pair", "is_equivalent", "last_boxed",
-           "normalize"]
+# How evaluation reads the answer a completion commits to (`graded_answer`).
+ANSWER_FORMATS = ("auto", "math", "choice", "text")
+
+# "the answer is (B)", "Answer: B", "answer is: **B**": the letter stands alone, and a
+# lower-case one only in parentheses ("the answer is a prime" names no option).
+_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:：]?\s*\**\s*(?:\(([A-Za-z])\)|([A-Z]))(?![A-Za-z0-9])")
+_LETTER = re.compile(r"^\(?([A-Za-z])\)?(?:$|[.:)\s])")
+_ANSWER_TEXT = re.compile(r"answer(?:\s+is)?\s*[:：]\s*|answer\s+is\s+", re.IGNORECASE)
+_ANSWER_TAGS = re.compile(r"</?answer>")
+
+
+def _unwrap_text(s: str) -> str:
+    return re.sub(r"^\\(?:text|textbf|mathrm)\{(.*)\}$", r"\1", s.strip()).strip()
+
+
+def choice_answer(completion: str, options: tuple[str, ...] | list[str] = ()) -> str | None:
+    """The option letter a completion commits to: whichever comes last of its last
+    \\boxed{...} (a letter, "(B)", "B. text", or exactly one option's text) and an "the
+    answer is (X)" / "Answer: X" statement. Only the letters of `options` count when
+    they are given."""
+    letters = {chr(ord("A") + i) for i in range(len(options))} if options else None
+    found: list[tuple[int, str]] = []
+    start = completion.rfind("\\boxed{")
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        inner = _unwrap_text(boxed)
+        m = _LETTER.match(inner)
+        if m and (letters is None or m.group(1).upper() in letters):
+            found.append((start, m.group(1).upper()))
+        elif options:
+            matches = [chr(ord("A") + i) for i, o in enumerate(options) if normalize(o) == normalize(inner)]
+            if len(matches) == 1:
+                found.append((start, matches[0]))
+    for m in _ANSWER_IS.finditer(completion):
+        found.append((m.start(), (m.group(1) or m.group(2)).upper()))
+    found = [(pos, letter) for pos, letter in found if letters is None or letter in letters]
+    return max(found)[1] if found else None
+
+
+def text_answer(completion: str) -> str:
+    """The final answer of a free-text completion: its last \\boxed{...}, else what
+    follows its last "the answer is" / "Answer:" (to the end of that line), else the
+    whole completion without <answer> tags."""
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed.strip()
+    stated = list(_ANSWER_TEXT.finditer(completion))
+    if stated:
+        return _ANSWER_TAGS.sub("", completion[stated[-1].end():].split("\n")[0]).strip()
+    return _ANSWER_TAGS.sub("", completion).strip()
+
+
+def resolve_answer_format(answer_format: str, examples) -> str:
+    """`answer_format` with "auto" decided for a data set: "choice" when every example is
+    multiple choice (it has options, or its references are single capital letters),
+    else "math" (\\boxed{} answers compared by `is_equivalent`, text included)."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    if answer_format != "auto":
+        return answer_format
+    examples = list(examples)
+    if examples and all(ex.options or (ex.answers and all(len(a) == 1 and a.isupper() for a in ex.answers))
+                        for ex in examples):
+        return "choice"
+    return "math"
+
+
+def graded_answer(completion: str, references: list[str] | tuple[str, ...], answer_format: str, *,
+                  options: tuple[str, ...] = (), backend: str = "auto") -> tuple[str | None, bool]:
+    """(the answer read from `completion`, whether it matches one of `references`) under a
+    resolved answer format: "math" (last \\boxed{}, `is_equivalent`), "choice" (the option
+    letter, `choice_answer`) or "text" (`text_answer`, normalized exact match)."""
+    if answer_format == "math":
+        prediction = last_boxed(completion)
+        return prediction, is_equivalent(prediction, list(references), backend=backend)
+    if answer_format == "choice":
+        prediction = choice_answer(completion, options)
+        return prediction, prediction is not None and prediction in {r.strip().strip("()").upper() for r in references}
+    if answer_format == "text":
+        prediction = text_answer(completion)
+        return prediction, bool(prediction) and any(normalize(prediction) == normalize(r) for r in references)
+    raise ValueError(f"answer_format must be math, choice or text (auto resolved first), got {answer_format!r}")
+
+
+__all__ = ["ANSWER_FORMATS", "BACKENDS", "answer_backend", "boxed_correct", "choice_answer", "equivalent_pair",
+           "graded_answer", "is_equivalent", "last_boxed", "normalize", "resolve_answer_format", "text_answer"]

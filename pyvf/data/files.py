@@ -8,8 +8,9 @@ verl's rows (`prompt` as a list of chat messages, the reference under
 `answer`) need no flags. A chat-message prompt is kept as messages, for the model's chat
 template to render as given. Multiple-choice rows (`options` or `choices`, and the
 answer as a letter, an index or the option's text) become the question with its lettered
-options and the letter as the reference. Rows that give no usable question or reference
-are skipped and counted.
+options and the letter as the reference. A category column (`category`, `subject`,
+`data_source`, `domain`) is kept for evaluation's per-category accuracy. Rows that give no
+usable question or reference are skipped and counted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger("pyvf")
 QUESTION_KEYS = ("question", "problem", "prompt", "query", "input")
 ANSWER_KEYS = ("reward_model.ground_truth", "answer", "solution", "ground_truth", "reference", "target", "label")
 OPTION_KEYS = ("options", "choices")
+CATEGORY_KEYS = ("category", "subject", "data_source", "domain")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class DataKeys:
     answer: str = ""
     weights: str = ""
     split: str = ""  # of a `datasets` directory holding several splits ("": train, or its only one)
+    category: str = ""  # evaluation's per-category breakdown ("": CATEGORY_KEYS when present)
 
 
 def _datasets(what: str):
@@ -185,7 +188,7 @@ def with_options(question: str, options: list[str]) -> str:
 
 
 def row_example(row: dict, question_key: str, answer_key: str, weights_key: str, option_key: str | None,
-                weights_required: bool = False) -> Example | None:
+                weights_required: bool = False, category_key: str = "") -> Example | None:
     """One row as an Example, or None when it has no usable question or reference (or no
     weights where `weights_required`: an explicit --weights-key)."""
     try:
@@ -215,6 +218,7 @@ def row_example(row: dict, question_key: str, answer_key: str, weights_key: str,
                              for i, (role, content) in enumerate(messages))
         answers = [letter]
     else:
+        options = []
         answers = _answers(answer)
         if answers is None:
             return None
@@ -227,7 +231,9 @@ def row_example(row: dict, question_key: str, answer_key: str, weights_key: str,
             or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0):
         return None
     total = float(sum(weights))
-    return Example(text, tuple(answers), tuple(float(w) / total for w in weights), messages=messages)
+    category = _get(row, category_key) if category_key and _has(row, category_key) else ""
+    return Example(text, tuple(answers), tuple(float(w) / total for w in weights), messages=messages,
+                   options=tuple(options), category=str(category).strip() if category is not None else "")
 
 
 def load_examples(path: str | Path, keys: DataKeys | None = None) -> list[Example]:
@@ -246,18 +252,23 @@ def load_examples(path: str | Path, keys: DataKeys | None = None) -> list[Exampl
         raise ValueError(f"data: {source} has no column {keys.weights!r} (--weights-key); its columns: "
                          f"{', '.join(_columns(first))}")
     option_key = next((k for k in OPTION_KEYS if isinstance(first.get(k), list)), None)
+    if keys.category and not _has(first, keys.category):
+        raise ValueError(f"data: {source} has no column {keys.category!r} (--category-key); its columns: "
+                         f"{', '.join(_columns(first))}")
+    category_key = keys.category or next((k for k in CATEGORY_KEYS if isinstance(first.get(k), (str, int))), "")
     examples, bad = [], 0
     for row in rows:
-        ex = (row_example(row, question_key, answer_key, weights_key, option_key, bool(keys.weights))
+        ex = (row_example(row, question_key, answer_key, weights_key, option_key, bool(keys.weights), category_key)
               if isinstance(row, dict) else None)
         if ex is None:
             bad += 1
         else:
             examples.append(ex)
     kind = "chat messages" if _messages(_get(first, question_key)) is not None else "text"
-    log.info("data: %s via %s: question from %s (%s), answer from %s%s%s; %d rows", source, reader, question_key,
+    log.info("data: %s via %s: question from %s (%s), answer from %s%s%s%s; %d rows", source, reader, question_key,
              kind, answer_key, f", options from {option_key} (the letter is the reference)" if option_key else "",
-             f", weights from {weights_key}" if weights_key else "", len(examples))
+             f", weights from {weights_key}" if weights_key else "",
+             f", category from {category_key}" if category_key else "", len(examples))
     if bad:
         log.warning("data: skipped %d bad row(s) of %s (missing or empty question/answer, bad options or weights)",
                     bad, path)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 log = logging.getLogger("pyvf")
 
-PLOTTED = ("loss", "reward_mean", "marker_frac", "advantage_std", "reasoning_len", "grad_norm", "rollout_logprob_diff")
+PLOTTED = ("loss", "reward_mean", "marker_frac", "advantage_std", "reasoning_len", "grad_norm", "rollout_logprob_diff",
+           "eval_accuracy")
 # The step profile, drawn together in one panel (seconds per phase).
 PROFILE = ("time_rollout", "time_scoring", "time_reward_pass", "time_forward_backward", "time_optimizer",
            "time_weight_sync")
@@ -85,7 +86,9 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path | None:
     axes = [axes] if panels == 1 else list(axes)
     steps = [r["step"] for r in records]
     for ax, key in zip(axes, keys):
-        ax.plot(steps, [r.get(key) for r in records], lw=1.2)
+        points = [(r["step"], r[key]) for r in records if key in r]
+        # A metric of some steps only (held-out accuracy) is drawn at those steps, with markers.
+        ax.plot(*zip(*points), lw=1.2, marker="o" if len(points) < len(records) else None, markersize=3)
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     if phases:

@@ -48,7 +48,7 @@ def resolve_model_path(spec: str) -> Path:
 def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     """A causal LM and its tokenizer from a local directory: safetensors weights, no
     remote code, nothing downloaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
     if checkpoint.is_sharded(path):
@@ -56,10 +56,19 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32):
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=False, local_files_only=True)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(spec: str | Path):
+    """The tokenizer of a model directory, run or builtin (a pad token set: the EOS when
+    it has none); no remote code, nothing downloaded."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(str(spec))
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def _from_sharded_checkpoint(path: Path, dtype: torch.dtype):

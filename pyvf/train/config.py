@@ -33,7 +33,8 @@ log = logging.getLogger("pyvf")
 class TrainConfig:
     # what to train (changing one of these on --resume makes it another run: IDENTITY)
     model: str = option("builtin", "builtin (the shipped tiny model), a Hugging Face model directory or a run")
-    data: str = option("synthetic", "synthetic, synthetic-long (the worked solution as the reference), openended, "
+    data: str = option("synthetic", "synthetic, synthetic-long (the worked solution as the reference), "
+                                    "synthetic-choice (multiple choice), openended, "
                                     "or a JSONL, JSON, Parquet or CSV file or a `datasets` directory of "
                                     "question/answer rows (verl and TRL rows need no key flags)")
     question_key: str = option("", "the data's question column, a dotted path into nested values (\"\": "
@@ -54,6 +55,19 @@ class TrainConfig:
                                 choices=("auto", "none"))
     system_prompt: str = option("", "system turn (chat templates only)")
     assistant_prefix: str = option("", "text that starts the assistant turn, e.g. <think> for thinking models")
+
+    # held-out evaluation during training (pyvf.runtime.evaluation, as `pyvf eval`)
+    eval_data: str = option("", "held-out data evaluated every eval_every steps and at the end: a file or "
+                                "`datasets` directory (columns found as for data; question_key and answer_key "
+                                "apply), or a built-in task's held-out split (\"\": none)")
+    eval_every: int = option(0, "evaluate on eval_data every N steps, and after the last (0: only after the last)",
+                             minimum=0)
+    eval_split: str = option("", "the split of an eval_data `datasets` directory that holds several (\"\": train, or "
+                                 "the only one)")
+    eval_limit: int = option(500, "evaluate the first N questions of eval_data (0: all)", minimum=0)
+    eval_samples: int = option(1, "answers per eval question: avg@k and pass@k", minimum=1)
+    eval_temperature: float = option(0.0, "eval decoding: 0 greedy, > 0 sampled (needed for eval_samples > 1)",
+                                     minimum=0)
 
     # rollout
     max_steps: int = option(100, "optimizer steps in all", minimum=1)
@@ -178,12 +192,20 @@ class TrainConfig:
         if self.rollout_ranks and self.rollout_procs:
             raise ConfigError(f"rollout_ranks ({self.rollout_ranks}, torchrun ranks that sample) and rollout_procs "
                               f"({self.rollout_procs}, processes pyvf starts) are two placements: set one")
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise ConfigError(f"eval_samples {self.eval_samples} at eval_temperature 0 are copies of the greedy "
+                              f"answer: set eval_temperature > 0")
+        if self.eval_every and not self.eval_data:
+            raise ConfigError(f"eval_every {self.eval_every} needs eval_data (the held-out questions)")
         if self.answer_template.count("{ref}") != 1:
             raise ConfigError(f"answer_template must contain {{ref}} exactly once, got {self.answer_template!r}")
         return self
 
     def data_keys(self) -> DataKeys:
-        return DataKeys(self.question_key, self.answer_key, self.weights_key, self.split)
+        return DataKeys(question=self.question_key, answer=self.answer_key, weights=self.weights_key, split=self.split)
+
+    def eval_keys(self) -> DataKeys:
+        return DataKeys(question=self.question_key, answer=self.answer_key, split=self.eval_split)
 
     def engine_procs(self) -> int:
         """Engines in processes of their own: rollout_ranks, rollout_procs, or 1 when the

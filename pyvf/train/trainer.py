@@ -13,6 +13,7 @@ file per method) decides everything method-specific; nothing here names a method
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from pyvf.objectives.base import (
 from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
 from pyvf.runtime import checkpoint, distributed
+from pyvf.runtime.evaluation import evaluate_examples, metric_names
 from pyvf.runtime.metrics import MetricsLog, plot
 from pyvf.runtime.model import enable_activation_checkpointing, load_model_and_tokenizer, load_weights
 from pyvf.runtime.policy import Policy
@@ -87,13 +89,13 @@ class Prompts:
             return render_prompt_ids(tokenizer, text, template=fill, chat_template=cfg.chat_template,
                                      system_prompt=cfg.system_prompt, assistant_prefix=cfg.assistant_prefix)
 
-        self._render = render
+        self.render = render
         self.examples = examples
         self._ids: dict[int, list[int]] = {}
 
     def __getitem__(self, index: int) -> list[int]:
         if index not in self._ids:
-            self._ids[index] = self._render(self.examples[index])
+            self._ids[index] = self.render(self.examples[index])
         return self._ids[index]
 
 
@@ -280,6 +282,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self._pending = None  # (step, future of an async save or None) until finish_save completes it
         self.ahead = None  # AheadRollouts (rollout_mode one_step_off, async)
+        self.held_out = None  # Prompts of cfg.eval_data
         self.__dict__.update(parts)
 
     @classmethod
@@ -318,6 +321,11 @@ class Trainer:
         examples = dataset.load(cfg.data, n_synthetic=cfg.n_synthetic, keys=cfg.data_keys())
         objective = get_objective(cfg.objective)(cfg, tokenizer)
         prompts = Prompts(cfg, tokenizer, examples, objective)
+        held_out = None
+        if cfg.eval_data:  # read now: a bad file fails before the first step, not after it
+            questions = dataset.load(cfg.eval_data, n_synthetic=cfg.eval_limit or 500, split="eval",
+                                     keys=cfg.eval_keys())
+            held_out = Prompts(cfg, tokenizer, questions[:cfg.eval_limit or None], objective)
         _check_data(cfg, tokenizer, prompts, objective)
         state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
         optimizer_state = None
@@ -338,8 +346,9 @@ class Trainer:
         # The engine starts from the unsharded weights (vLLM loads them from a directory).
         engine = engine or make_engine(
             cfg, model, tokenizer, stop_ids, out_dir / "cache" / f"rank{rank}", sharded,
-            lambda: (max(len(prompts[i]) for i in range(len(examples))) + cfg.max_new_tokens
-                     + objective.continuation_tokens()), version=state.step, rank=rank, world=world)
+            lambda: (max(len(p[i]) for p in (prompts, held_out) if p is not None for i in range(len(p.examples)))
+                     + cfg.max_new_tokens + objective.continuation_tokens()),
+            version=state.step, rank=rank, world=world)
         order = DataOrder(len(examples), cfg.seed)
         ahead = None
         if cfg.rollout_mode != "sync":
@@ -375,7 +384,8 @@ class Trainer:
                                            assistant_prefix=cfg.assistant_prefix))
         return cls(cfg, rank=rank, world=world, device=device, sharded=sharded, out_dir=out_dir, tokenizer=tokenizer,
                    objective=objective, prompts=prompts, order=order, policy=policy, engine=engine, ahead=ahead,
-                   optimizer=optimizer, state=state, resumed=bool(resume),
+                   optimizer=optimizer, state=state, resumed=bool(resume), stop_ids=stop_ids,
+                   held_out=held_out,
                    extra_reward=ExtraReward(cfg, tokenizer, policy, examples) if cfg.reward else None,
                    metrics=MetricsLog(out_dir, resume_step=state.step if resume else 0) if rank == 0 else None)
 
@@ -431,6 +441,8 @@ class Trainer:
             record["engine_idle_s"] = engine_times.get("engine_idle_s", 0.0)
             record["trainer_idle_s"] = engine_times.get("wait_s", 0.0)
             record["dropped_groups"] = ahead_info.get("dropped_groups", 0)
+        if self.held_out is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            record.update(self.evaluate())
         if self.rank == 0:
             self.metrics.write(record)
             if sums["over_length"]:
@@ -446,6 +458,45 @@ class Trainer:
                                  f"steps in a row (max_nonfinite_steps); no update was applied, and the last "
                                  f"checkpoint in {self.out_dir / 'checkpoints'} holds the last good weights")
         return record
+
+    def evaluate(self) -> dict:
+        """The current weights' accuracy on cfg.eval_data, prompts rendered as in training:
+        the metrics `eval_accuracy` (avg@k), `eval_pass@k` (k > 1) and
+        `eval_accuracy/<category>`; every completion goes to eval/step-N.json (rank 0).
+        It decodes with the colocated engine (HF, or vLLM whose weights are current), or
+        HF on the trainer's own weights when engines sample in processes of their own
+        (their weights lag); each rank evaluates its share."""
+        cfg, engine, policy = self.cfg, self.engine, self.policy
+        if hasattr(engine, "publish"):
+            engine = HFGenerate(policy.model, self.tokenizer, stop_token_ids=self.stop_ids, synced=self.sharded)
+        unshard = self.sharded and engine.name == "hf"
+        started = time.perf_counter()
+        if unshard:
+            policy.unshard()  # generation bypasses the root module's hooks
+        try:
+            result = evaluate_examples(engine, self.tokenizer, self.held_out.examples, samples=cfg.eval_samples,
+                                       temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                       stop=cfg.stop_strings(), seed=cfg.seed, render=self.held_out.render,
+                                       rank=self.rank, world=self.world)
+        finally:
+            if unshard:
+                policy.reshard()
+            engine.sleep()
+        seconds = time.perf_counter() - started
+        avg, pass_ = metric_names(cfg.eval_samples)
+        metrics = {"eval_accuracy": result[avg], "eval_s": seconds}
+        if cfg.eval_samples > 1:
+            metrics[f"eval_{pass_}"] = result[pass_]
+        for name, c in result.get("categories", {}).items():
+            metrics[f"eval_accuracy/{name}"] = c[avg]
+        if self.rank == 0:
+            path = self.out_dir / "eval" / f"step-{self.state.step:06d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"step": self.state.step, "data": cfg.eval_data, **result}, indent=2))
+            log.info("eval step %d: %s %.1f%%%s on %s (%d questions, %s, %.1f s; %s)", self.state.step, avg,
+                     100 * result[avg], f", {pass_} {100 * result[pass_]:.1f}%" if cfg.eval_samples > 1 else "",
+                     cfg.eval_data, result["n"], result["answer_format"], seconds, path)
+        return metrics
 
     def save(self) -> None:
         """A checkpoint of this step: every rank writes its shards of the policy and optimizer

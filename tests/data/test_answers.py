@@ -91,3 +91,48 @@ def test_last_boxed():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{8}{5}} c") == "\\frac{8}{5}"
     assert last_boxed("no box") is None and last_boxed("\\boxed{unclosed") is None
     assert normalize("\\boxed{1.5}") == normalize("3/2")
+
+
+@pytest.mark.parametrize("text,options,letter", [
+    ("so \\boxed{B}", (), "B"),
+    ("\\boxed{\\text{(c)}} then", (), "C"),
+    ("\\boxed{B. Paris}", (), "B"),
+    ("The answer is (D).", (), "D"),
+    ("Answer: **A**", (), "A"),
+    ("I first thought A. The answer is C", (), "C"),          # the last commitment wins
+    ("\\boxed{C} but on reflection the answer is (B)", (), "B"),
+    ("the answer is a prime", (), None),                      # a lone lower-case word names no option
+    ("\\boxed{7}", ("4", "6", "7", "9"), "C"),                # the option's own text
+    ("\\boxed{7}", (), None),
+    ("The answer is (E)", ("x", "y", "z"), None),            # not an option of this question
+    ("no answer here", (), None),
+])
+def test_choice_answer(text, options, letter):
+    assert answers.choice_answer(text, options) == letter
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("reasoning... <answer> \\boxed{Paris} </answer>", "Paris"),
+    ("It must be so. The answer is Paris.\nAnything after", "Paris."),
+    ("Answer: the mitochondria", "the mitochondria"),
+    ("<answer> Paris </answer>", "Paris"),
+])
+def test_text_answer(text, expected):
+    assert answers.text_answer(text) == expected
+
+
+def test_graded_answer_and_format_resolution():
+    from pyvf.data.example import Example
+
+    mc = Example("Q\nA. x\nB. y", ("B",), (1.0,), options=("x", "y"))
+    assert answers.resolve_answer_format("auto", [mc]) == "choice"
+    assert answers.resolve_answer_format("auto", [Example("Q", ("8",), (1.0,))]) == "math"
+    assert answers.resolve_answer_format("auto", [Example("Q", ("C",), (1.0,))]) == "choice"  # letters, options inline
+    assert answers.resolve_answer_format("text", [mc]) == "text"
+    with pytest.raises(ValueError, match="answer_format must be one of"):
+        answers.resolve_answer_format("letters", [mc])
+    assert answers.graded_answer("the answer is (b)", ("B",), "choice", options=mc.options) == ("B", True)
+    assert answers.graded_answer("\\boxed{x}", ("B",), "choice", options=mc.options) == ("A", False)
+    assert answers.graded_answer("\\boxed{8/5}", ("1.6",), "math") == ("8/5", True)
+    assert answers.graded_answer("The answer is: PARIS.", ("Paris",), "text") == ("PARIS.", True)
+    assert answers.graded_answer("", ("Paris",), "text") == ("", False)

@@ -101,3 +101,16 @@ def test_multiple_choice_rows_become_lettered_questions(tmp_path):
     assert examples[0].question == "Which is a prime?\nA. 4\nB. 6\nC. 7\nD. 9"
     assert choice_letter("(b)", ["x", "y"]) == "B" and choice_letter("1", ["x", "y"]) == "B"
     assert choice_letter(True, ["x", "y"]) is None and choice_letter("z", ["x", "y"]) is None
+    assert examples[0].options == ("4", "6", "7", "9")
+    assert [e.category for e in examples] == ["math", "physics", "astronomy"]
+
+
+def test_category_column_found_or_named(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"question": "1 + 1?", "answer": "2", "data_source": "gsm8k",
+                                                       "topic": "sums"}]) + "\n")
+    assert load_examples(path)[0].category == "gsm8k"
+    assert load_examples(path, DataKeys(category="topic"))[0].category == "sums"
+    assert load_examples(path)[0].options == ()
+    with pytest.raises(ValueError, match=r"no column 'area' \(--category-key\); its columns: question, answer"):
+        load_examples(path, DataKeys(category="area"))

@@ -124,7 +124,44 @@ def test_bad_arguments_are_value_errors(engine, prompts):
     with pytest.raises(ValueError, match="seeds"):
         engine.generate(prompts, 2, max_new_tokens=4, temperature=1.0, seeds=[1], stop=[])
     with pytest.raises(ValueError, match="temperature"):
-        engine.generate(prompts[:1], 2, max_new_tokens=4, temperature=0.0, seeds=[1], stop=[])
+        engine.generate(prompts[:1], 2, max_new_tokens=4, temperature=-1.0, seeds=[1], stop=[])
+
+
+def test_temperature_zero_is_greedy_like_the_hf_engine(engine, prompts, hf):
+    from pyvf.runtime.rollout import greedy
+
+    model, tok = hf
+    out = engine.generate(prompts, 1, max_new_tokens=32, temperature=0.0, seeds=[1, 2, 3, 4], stop=["</answer>"])
+    want = greedy(model, tok, prompts, 32, stop=["</answer>"])
+    assert [c.ids[:-1] if c.finish == "eos" else c.ids for c, in out] == want
+
+
+def test_pyvf_eval_on_vllm(tmp_path, capsys):
+    """The acceptance check on vLLM: avg@4 and pass@4 with per-category accuracy for a
+    multiple-choice file, and greedy answers that are the HF engine's."""
+    import json
+
+    from choice_data import write_choice_file
+
+    from pyvf.cli import main as cli
+
+    data = tmp_path / "mc.jsonl"
+    write_choice_file(data, n=16)
+    assert cli(["eval", "--rollout", "vllm", "--data", str(data), "--samples", "4", "--temperature", "1.0",
+                "--output", str(tmp_path / "sampled.json")]) == 0
+    printed = capsys.readouterr().out
+    result, = json.loads((tmp_path / "sampled.json").read_text())["results"]
+    assert result["answer_format"] == "choice" and result["n"] == 16
+    assert result["avg@4"] == pytest.approx(sum(sum(d["correct"]) for d in result["details"]) / 64)
+    assert 0 < result["avg@4"] <= result["pass@4"]
+    assert set(result["categories"]) == {"arithmetic", "sharing"}
+    assert "engine vllm" in printed and "| mc.jsonl | choice | 16 |" in printed and "| sharing | 8 |" in printed
+    greedy = {}
+    for rollout in ("vllm", "hf"):
+        out = tmp_path / f"{rollout}.json"
+        assert cli(["eval", "--rollout", rollout, "--data", str(data), "--output", str(out)]) == 0
+        greedy[rollout], = json.loads(out.read_text())["results"]
+    assert [d["completions"] for d in greedy["vllm"]["details"]] == [d["completions"] for d in greedy["hf"]["details"]]
 
 
 def test_train_with_vllm_keeps_the_engine_in_sync(tmp_path):
@@ -140,7 +177,7 @@ def test_train_with_vllm_keeps_the_engine_in_sync(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--rollout", "vllm", "--max-steps", "3", "--lr", "1e-3", "--prompts-per-step", "4",
             "--group-size", "4", "--max-new-tokens", "40", "--n-synthetic", "64", "--progress", "false",
-            "--plot", "false", "--output-dir", str(out)]
+            "--plot", "false", "--output-dir", str(out), "--eval-data", "synthetic", "--eval-limit", "8"]
     assert cli(args + ["--stop-after", "2"]) == 0
     assert cli(["train", "--resume", str(out)]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -148,6 +185,14 @@ def test_train_with_vllm_keeps_the_engine_in_sync(tmp_path):
     for r in records:
         assert math.isfinite(r["loss"]) and r["rollout_logprob_diff"] <= 1e-3, r
         assert r["time_weight_sync"] > 0
+    # The held-out evaluation after the last step decodes greedily on the engine, which has
+    # the trained weights: `pyvf eval` of the final checkpoint on HF reads the same answers.
+    during = json.loads((out / "eval" / "step-000003.json").read_text())
+    assert "eval_accuracy" in records[-1] and during["n"] == 8
+    assert cli(["eval", "--model", str(out), "--data", "synthetic", "--limit", "8", "--max-new-tokens", "40",
+                "--output", str(tmp_path / "after.json")]) == 0
+    after, = json.loads((tmp_path / "after.json").read_text())["results"]
+    assert [d["predictions"] for d in after["details"]] == [d["predictions"] for d in during["details"]]
 
 
 def test_vllm_in_an_engine_process_one_step_off(tmp_path):

@@ -257,9 +257,9 @@ def test_served_pcl_model_stops_at_the_answer(tmp_path):
     for stop, out in (("</answer>", "served.json"), ("", "unstopped.json")):
         assert cli(["eval", "--prompt-template", PCL_PROMPT_TEMPLATE, "--limit", "8", "--stop", stop,
                     "--output", str(tmp_path / out)]) == 0
-    served = json.loads((tmp_path / "served.json").read_text())["details"]
-    unstopped = json.loads((tmp_path / "unstopped.json").read_text())["details"]
-    assert all(d["completion"].rstrip().endswith("</answer>") and "<evaluation>" not in d["completion"]
+    served = json.loads((tmp_path / "served.json").read_text())["results"][0]["details"]
+    unstopped = json.loads((tmp_path / "unstopped.json").read_text())["results"][0]["details"]
+    assert all(d["completions"][0].rstrip().endswith("</answer>") and "<evaluation>" not in d["completions"][0]
                for d in served)
-    assert sum("<evaluation>" in d["completion"] for d in unstopped) >= 6
-    assert [d["prediction"] for d in served] == [d["prediction"] for d in unstopped]
+    assert sum("<evaluation>" in d["completions"][0] for d in unstopped) >= 6
+    assert [d["predictions"] for d in served] == [d["predictions"] for d in unstopped]

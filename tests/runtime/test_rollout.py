@@ -145,6 +145,16 @@ def test_greedy_matches_hf_generate_and_stops_at_stop_strings(hf, prompts):
         assert "</answer>" not in text or (text.endswith("</answer>") and text.count("</answer>") == 1)
 
 
+def test_temperature_zero_is_greedy(hf, prompts):
+    model, tok = hf
+    out = HFGenerate(model, tok).generate(prompts, 2, max_new_tokens=40, temperature=0.0, seeds=[1, 2, 3], stop=STOP)
+    want = greedy(model, tok, prompts, 40, stop=STOP)
+    for group, w in zip(out, want):
+        assert len(group) == 2
+        for c in group:  # greedy() leaves the EOS out
+            assert (c.ids[:-1] if c.finish == "eos" else c.ids) == w
+
+
 def test_bad_arguments_are_value_errors(hf, prompts):
     model, tok = hf
     engine = HFGenerate(model, tok)
@@ -154,7 +164,7 @@ def test_bad_arguments_are_value_errors(hf, prompts):
     with pytest.raises(ValueError, match="n must"):
         engine.generate(prompts[:1], 0, seeds=[1], **kw)
     with pytest.raises(ValueError, match="temperature"):
-        engine.generate(prompts[:1], 1, seeds=[1], max_new_tokens=4, temperature=0.0, stop=[])
+        engine.generate(prompts[:1], 1, seeds=[1], max_new_tokens=4, temperature=-1.0, stop=[])
     with pytest.raises(ValueError, match="stop"):
         engine.generate(prompts[:1], 1, seeds=[1], max_new_tokens=4, temperature=1.0, stop="</answer>")
     with pytest.raises(ValueError, match="prompts"):

@@ -1,12 +1,14 @@
 """`pyvf train --data` on the formats other trainers use, with no key flags: a verl
 Parquet file (chat-message prompts, the reference under reward_model.ground_truth) and
-a TRL `datasets` directory (prompt and solution columns)."""
+a TRL `datasets` directory (prompt and solution columns); held-out evaluation during
+training (`--eval-data`)."""
 
 import json
 import math
 import os
 
 import pytest
+from choice_data import write_choice_file
 
 from pyvf.cli import main as cli
 
@@ -42,3 +44,29 @@ def test_train_on_verl_parquet_and_trl_datasets_directory(tmp_path, caplog):
         assert all(math.isfinite(r["loss"]) for r in records)
     assert "question from prompt (chat messages), answer from reward_model.ground_truth" in caplog.text
     assert "question from prompt (text), answer from solution" in caplog.text
+
+
+def test_eval_during_training_is_what_pyvf_eval_reports(tmp_path, capsys):
+    """`--eval-data` with `--eval-every 1`: every step logs avg@2, pass@2 and the
+    per-category accuracy, with every completion in eval/step-N.json; the last one is
+    exactly what `pyvf eval` says of the final checkpoint (same prompts, seed, weights)."""
+    data = tmp_path / "mc.jsonl"
+    write_choice_file(data, n=8)
+    out = tmp_path / "run"
+    evaluation = ["--eval-samples", "2", "--eval-temperature", "1.0"]
+    assert cli(["train", "--eval-data", str(data), "--eval-every", "1", *evaluation, "--output-dir", str(out),
+                *FAST]) == 0
+    records = _metrics(out)
+    for r in records:
+        assert 0 <= r["eval_accuracy"] <= r["eval_pass@2"] <= 1
+        assert set(k for k in r if k.startswith("eval_accuracy/")) == {"eval_accuracy/arithmetic",
+                                                                       "eval_accuracy/sharing"}
+    during = json.loads((out / "eval" / "step-000002.json").read_text())
+    assert during["n"] == 8 and during["answer_format"] == "choice" and during["avg@2"] == records[-1]["eval_accuracy"]
+    assert cli(["eval", "--model", str(out), "--data", str(data), "--samples", "2", "--temperature", "1.0",
+                "--max-new-tokens", "16", "--output", str(tmp_path / "after.json")]) == 0
+    after, = json.loads((tmp_path / "after.json").read_text())["results"]
+    assert [d["completions"] for d in after["details"]] == [d["completions"] for d in during["details"]]
+    assert after["categories"] == during["categories"]
+    assert cli(["train", "--eval-every", "2", "--output-dir", str(tmp_path / "bad"), *FAST]) == 2
+    assert "eval_every 2 needs eval_data" in capsys.readouterr().err

@@ -34,11 +34,17 @@ def run(out, *args) -> list[dict]:
 def test_async_with_max_staleness_zero_is_sync_and_engines_get_the_trainers_weights(tmp_path):
     """Engine process, sync: every step samples with the weights just published (lr 1e-4
     moves them each step), so engine and trainer log-probs agree to float rounding.
-    Async with max_staleness 0 waits for those weights: the same run, bit for bit."""
-    sync = run(tmp_path / "sync", "--max-steps", "3", "--rollout-procs", "1")
-    lagless = run(tmp_path / "async", "--max-steps", "3", "--rollout-mode", "async", "--max-staleness", "0")
+    Async with max_staleness 0 waits for those weights: the same run, bit for bit. The
+    held-out evaluation decodes with the trainer's own weights (the engines' may lag)."""
+    held_out = ["--eval-data", "synthetic", "--eval-limit", "6"]
+    sync = run(tmp_path / "sync", "--max-steps", "3", "--rollout-procs", "1", *held_out)
+    lagless = run(tmp_path / "async", "--max-steps", "3", "--rollout-mode", "async", "--max-staleness", "0",
+                  *held_out)
     for a, b in zip(sync, lagless):
         assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+    assert "eval_accuracy" in sync[-1] and sync[-1]["eval_accuracy"] == lagless[-1]["eval_accuracy"]
+    assert (json.loads((tmp_path / "sync" / "eval" / "step-000003.json").read_text())["details"]
+            == json.loads((tmp_path / "async" / "eval" / "step-000003.json").read_text())["details"])
     for r in sync + lagless:
         assert r["staleness"] == 0 and r["staleness_max"] == 0
         assert r["is_weight"] == 1.0 and r["is_capped_frac"] == 0.0  # the behaviour is the trained policy

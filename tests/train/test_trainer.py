@@ -125,6 +125,8 @@ def test_two_processes_match_one(tmp_path, objective):
     single, double = tmp_path / "single", tmp_path / "double"
     common = ["--objective", objective, "--model", BUILTIN, "--max-steps", "2", "--seed", "1", "--device", "cpu",
               "--n-synthetic", "64", *FAST, *OBJECTIVE_ARGS[objective]]
+    if objective == "verifree":  # held-out evaluation: each rank decodes its share with the unsharded weights
+        common += ["--eval-data", "synthetic", "--eval-limit", "7"]
     assert cli(["train", *common, "--output-dir", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -137,6 +139,11 @@ def test_two_processes_match_one(tmp_path, objective):
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-9)
         assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-4, abs=1e-9)
+    if objective == "verifree":
+        one, two = (json.loads((d / "eval" / "step-000002.json").read_text()) for d in (single, double))
+        assert two["n"] == 7
+        assert [d["completions"] for d in two["details"]] == [d["completions"] for d in one["details"]]
+        assert b[-1]["eval_accuracy"] == a[-1]["eval_accuracy"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -33,7 +33,8 @@ class RolloutEngine(Protocol):
                  seeds: list[int], stop: list[str], min_new_tokens: int = 0) -> list[list[Completion]]:
         """n completions per prompt; what prompt i samples depends only on (prompts[i],
         seeds[i]) and the weights, never on the batch, its order or the rank. EOS is not
-        sampled before `min_new_tokens` tokens."""
+        sampled before `min_new_tokens` tokens. Temperature 0 decodes greedily (evaluation;
+        training samples at a temperature > 0)."""
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full (unsharded) weights after an optimizer step, names as in model.state_dict()."""
@@ -52,8 +53,8 @@ def validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop,
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds must have one seed per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
     if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):

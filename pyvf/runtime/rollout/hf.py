@@ -165,11 +165,12 @@ class HFGenerate:
         stop = list(stop)
         if not prompts:
             if self.synced:  # the other ranks may decode: step along until they are done
-                decode_batch(self.model, [[self.pad_id]], 1, max_new_tokens=max_new_tokens, temperature=temperature,
-                             keys=[0], stop_token_ids=self.stop_token_ids, stop_checker=StopChecker(self.tokenizer, []),
+                decode_batch(self.model, [[self.pad_id]], 1, max_new_tokens=max_new_tokens, temperature=1.0,
+                             keys=None, stop_token_ids=self.stop_token_ids,
+                             stop_checker=StopChecker(self.tokenizer, []),
                              pad_id=self.pad_id, synced=True, idle=True)
             return []
-        keys = [row_key(int(seed), j) for seed in seeds for j in range(n)]
+        keys = [row_key(int(seed), j) for seed in seeds for j in range(n)] if temperature > 0 else None
         rows = decode_batch(self.model, [list(p) for p in prompts], n, max_new_tokens=max_new_tokens,
                             temperature=temperature, keys=keys, stop_token_ids=self.stop_token_ids,
                             stop_checker=StopChecker(self.tokenizer, stop), pad_id=self.pad_id, synced=self.synced,
