@@ -173,75 +173,115 @@ def boxed_correct(completions: list[str], references: list[list[str]], *, backen
 # How evaluation reads the answer a completion commits to (`graded_answer`).
 ANSWER_FORMATS = ("auto", "math", "choice", "text")
 
-# "the answer is (B)", "Answer: B", "answer is: **B**": the letter stands alone, and a
-# lower-case one only in parentheses ("the answer is a prime" names no option).
-_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:：]?\s*\**\s*(?:\(([A-Za-z])\)|([A-Z]))(?![A-Za-z0-9])")
-_LETTER = re.compile(r"^\(?([A-Za-z])\)?(?:$|[.:)\s])")
-_ANSWER_TEXT = re.compile(r"answer(?:\s+is)?\s*[:：]\s*|answer\s+is\s+", re.IGNORECASE)
+# Where a completion states its answer: "the answer is", "final answer:", "Answer:".
+_STATEMENT = re.compile(r"(?:\b(?:the|final|correct|my)\s+answer\s+is\b\s*:?|\banswer\s*[:：])", re.IGNORECASE)
+# Markup around a stated answer: bold, math delimiters, \text{}-like commands, brackets, quotes.
+_DECORATION = re.compile(r"\*\*|__|\$|\\\(|\\\)|\\(?:text|textbf|mathbf|mathrm|mbox)\{|[{}\[\]\"'`“”]")
+_OPTION_WORD = re.compile(r"^(?:option|choice)\s+", re.IGNORECASE)
+# A letter that stands alone: "B", "(B)", "B.", "B:", "B)" and then anything or nothing.
+_LETTER = re.compile(r"^\(?([A-Za-z])\)?(?=$|[.:)]|\s)")
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_TAGS = re.compile(r"</?answer>")
 
 
-def _unwrap_text(s: str) -> str:
-    return re.sub(r"^\\(?:text|textbf|mathrm)\{(.*)\}$", r"\1", s.strip()).strip()
+def _undecorated(s: str) -> str:
+    return " ".join(_DECORATION.sub(" ", s).split())
+
+
+def _stated_letter(rest: str) -> str | None:
+    """The option letter at the start of what follows an answer statement, or None: a
+    capital letter standing alone, or any letter in parentheses; a bare "A" or "I"
+    followed by a lower-case word is prose ("Answer: A is wrong", "Answer: I think")."""
+    text = _OPTION_WORD.sub("", _undecorated(rest[:40]))
+    m = _LETTER.match(text)
+    if m is None:
+        return None
+    letter, parenthesized = m.group(1), text.startswith("(")
+    if not parenthesized:
+        if letter.islower():
+            return None
+        if letter in "AI" and re.match(r"^[AI]\s+[a-z]", text):
+            return None
+    return letter.upper()
+
+
+def _boxed_letter(inner: str, options: tuple[str, ...] | list[str]) -> str | None:
+    """The option a \\boxed{...} names: exactly one option's text (tried first: "I and
+    III" is an option, not the letter I), else a letter standing alone ("B", "(B)",
+    "B. text")."""
+    if options:
+        matches = [chr(ord("A") + i) for i, o in enumerate(options) if normalize(o) == normalize(inner)]
+        if len(matches) == 1:
+            return matches[0]
+    m = _LETTER.match(_OPTION_WORD.sub("", _undecorated(inner)))
+    return m.group(1).upper() if m else None
 
 
 def choice_answer(completion: str, options: tuple[str, ...] | list[str] = ()) -> str | None:
     """The option letter a completion commits to: whichever comes last of its last
-    \\boxed{...} (a letter, "(B)", "B. text", or exactly one option's text) and an "the
-    answer is (X)" / "Answer: X" statement. Only the letters of `options` count when
-    they are given."""
+    \\boxed{...} (a letter, "(B)", "B. text", or exactly one option's text) and an
+    answer statement ("the answer is (B)", "Answer: **B**", "final answer: $B$", "the
+    answer is option B"). Only the letters of `options` count when they are given."""
     letters = {chr(ord("A") + i) for i in range(len(options))} if options else None
     found: list[tuple[int, str]] = []
-    start = completion.rfind("\\boxed{")
     boxed = last_boxed(completion)
     if boxed is not None:
-        inner = _unwrap_text(boxed)
-        m = _LETTER.match(inner)
-        if m and (letters is None or m.group(1).upper() in letters):
-            found.append((start, m.group(1).upper()))
-        elif options:
-            matches = [chr(ord("A") + i) for i, o in enumerate(options) if normalize(o) == normalize(inner)]
-            if len(matches) == 1:
-                found.append((start, matches[0]))
-    for m in _ANSWER_IS.finditer(completion):
-        found.append((m.start(), (m.group(1) or m.group(2)).upper()))
+        letter = _boxed_letter(boxed, options)
+        if letter is not None:
+            found.append((completion.rfind("\\boxed{"), letter))
+    for m in _STATEMENT.finditer(completion):
+        letter = _stated_letter(completion[m.end():])
+        if letter is not None:
+            found.append((m.start(), letter))
     found = [(pos, letter) for pos, letter in found if letters is None or letter in letters]
     return max(found)[1] if found else None
 
 
 def text_answer(completion: str) -> str:
-    """The final answer of a free-text completion: its last \\boxed{...}, else what
-    follows its last "the answer is" / "Answer:" (to the end of that line), else the
-    whole completion without <answer> tags."""
+    """The final answer of a free-text completion: its last \\boxed{...}, else its last
+    <answer>...</answer>, else what its last answer statement ("the answer is", "final
+    answer:", "Answer:") says, to the end of that sentence, else the whole completion;
+    markup (bold, $, quotes) removed."""
     boxed = last_boxed(completion)
     if boxed is not None:
-        return boxed.strip()
-    stated = list(_ANSWER_TEXT.finditer(completion))
+        return _undecorated(boxed)
+    blocks = _ANSWER_BLOCK.findall(completion)
+    if blocks:
+        return _undecorated(blocks[-1])
+    stated = list(_STATEMENT.finditer(completion))
     if stated:
-        return _ANSWER_TAGS.sub("", completion[stated[-1].end():].split("\n")[0]).strip()
-    return _ANSWER_TAGS.sub("", completion).strip()
+        rest = completion[stated[-1].end():].split("\n")[0]
+        rest = re.split(r"(?<=[^\s.])\.(?:\s|$)", rest)[0]  # to the end of the sentence (not 1.5)
+        return _undecorated(_ANSWER_TAGS.sub("", rest))
+    return _undecorated(_ANSWER_TAGS.sub("", completion))
+
+
+def _is_choice(options, references) -> bool:
+    """Multiple choice: the question has options, or its references are capital letters."""
+    return bool(options) or bool(references) and all(len(r) == 1 and r.isupper() for r in references)
 
 
 def resolve_answer_format(answer_format: str, examples) -> str:
-    """`answer_format` with "auto" decided for a data set: "choice" when every example is
-    multiple choice (it has options, or its references are single capital letters),
-    else "math" (\\boxed{} answers compared by `is_equivalent`, text included)."""
+    """`answer_format` as a data set's examples are graded: "auto" is "choice" for a
+    multiple-choice example (it has options, or its references are single capital
+    letters) and "math" for the others (\\boxed{} answers compared by `is_equivalent`,
+    text included), decided per example; "mixed" when a set holds both."""
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     if answer_format != "auto":
         return answer_format
-    examples = list(examples)
-    if examples and all(ex.options or (ex.answers and all(len(a) == 1 and a.isupper() for a in ex.answers))
-                        for ex in examples):
-        return "choice"
-    return "math"
+    kinds = {"choice" if _is_choice(ex.options, ex.answers) else "math" for ex in examples}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def graded_answer(completion: str, references: list[str] | tuple[str, ...], answer_format: str, *,
                   options: tuple[str, ...] = (), backend: str = "auto") -> tuple[str | None, bool]:
-    """(the answer read from `completion`, whether it matches one of `references`) under a
-    resolved answer format: "math" (last \\boxed{}, `is_equivalent`), "choice" (the option
-    letter, `choice_answer`) or "text" (`text_answer`, normalized exact match)."""
+    """(the answer read from `completion`, whether it matches one of `references`) under
+    an answer format: "math" (last \\boxed{}, `is_equivalent`), "choice" (the option
+    letter, `choice_answer`), "text" (`text_answer`, normalized exact match) or "auto"
+    (choice when there are options or the references are letters, else math)."""
+    if answer_format == "auto":
+        answer_format = "choice" if _is_choice(options, references) else "math"
     if answer_format == "math":
         prediction = last_boxed(completion)
         return prediction, is_equivalent(prediction, list(references), backend=backend)
@@ -251,7 +291,7 @@ def graded_answer(completion: str, references: list[str] | tuple[str, ...], answ
     if answer_format == "text":
         prediction = text_answer(completion)
         return prediction, bool(prediction) and any(normalize(prediction) == normalize(r) for r in references)
-    raise ValueError(f"answer_format must be math, choice or text (auto resolved first), got {answer_format!r}")
+    raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
 
 
 __all__ = ["ANSWER_FORMATS", "BACKENDS", "answer_backend", "boxed_correct", "choice_answer", "equivalent_pair",

@@ -47,6 +47,14 @@ def prompt_renderer(tokenizer, *, prompt_template: str = "", chat_template: str 
     return render
 
 
+def check_references(examples: list[Example], what: str = "examples") -> None:
+    """Raises ValueError unless every example has a reference to grade against."""
+    missing = next((i for i, ex in enumerate(examples) if not ex.answers), None)
+    if missing is not None:
+        raise ValueError(f"{what}: question {missing} has no reference answer, and evaluation grades answers "
+                         f"against references (the open-ended task has none: its rubric rates them, pyvf bon)")
+
+
 def evaluate_examples(engine, tokenizer, examples: list[Example], *, samples: int = 1, temperature: float = 0.0,
                       max_new_tokens: int = 64, stop: tuple[str, ...] | list[str] = ("</answer>",),
                       answer_format: str = "auto", seed: int = 0, batch_size: int = 64,
@@ -73,7 +81,8 @@ def evaluate_examples(engine, tokenizer, examples: list[Example], *, samples: in
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not examples:
         raise ValueError("examples is empty: nothing to evaluate")
-    answer_format = resolve_answer_format(answer_format, examples)
+    check_references(examples)
+    reported = resolve_answer_format(answer_format, examples)  # "auto" is decided per example in graded_answer
     render = render or prompt_renderer(tokenizer)
     share = -(-len(examples) // world)
     mine = range(rank * share, min(len(examples), (rank + 1) * share))
@@ -102,7 +111,7 @@ def evaluate_examples(engine, tokenizer, examples: list[Example], *, samples: in
         bar.close()
     details = [r for part in distributed.all_gather_objects(records) for r in part] if world > 1 else records
     avg, _ = metric_names(samples)
-    result = {"answer_format": answer_format, "samples": samples, "temperature": temperature, **summarize(details,
+    result = {"answer_format": reported, "samples": samples, "temperature": temperature, **summarize(details,
                                                                                                          samples)}
     result["accuracy"] = result[avg]
     result["correct"] = sum(sum(d["correct"]) for d in details)

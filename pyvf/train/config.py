@@ -195,6 +195,10 @@ class TrainConfig:
         if self.eval_samples > 1 and self.eval_temperature == 0:
             raise ConfigError(f"eval_samples {self.eval_samples} at eval_temperature 0 are copies of the greedy "
                               f"answer: set eval_temperature > 0")
+        if self.eval_data == "synthetic-long":
+            raise ConfigError("eval_data synthetic-long: its reference is a worked solution, which no answer format "
+                              "grades; evaluate on synthetic (the same questions) or with pyvf eval --data "
+                              "synthetic-long (the reference's likelihood)")
         if self.eval_every and not self.eval_data:
             raise ConfigError(f"eval_every {self.eval_every} needs eval_data (the held-out questions)")
         if self.answer_template.count("{ref}") != 1:

@@ -36,7 +36,7 @@ from pyvf.objectives.base import (
 from pyvf.ops import grouped_advantages
 from pyvf.packing import Sequence, pack, plan_micro_batches
 from pyvf.runtime import checkpoint, distributed
-from pyvf.runtime.evaluation import evaluate_examples, metric_names
+from pyvf.runtime.evaluation import check_references, evaluate_examples, metric_names
 from pyvf.runtime.metrics import MetricsLog, plot
 from pyvf.runtime.model import enable_activation_checkpointing, load_model_and_tokenizer, load_weights
 from pyvf.runtime.policy import Policy
@@ -326,6 +326,7 @@ class Trainer:
             questions = dataset.load(cfg.eval_data, n_synthetic=cfg.eval_limit or 500, split="eval",
                                      keys=cfg.eval_keys())
             held_out = Prompts(cfg, tokenizer, questions[:cfg.eval_limit or None], objective)
+            check_references(held_out.examples, f"eval_data {cfg.eval_data}")
         _check_data(cfg, tokenizer, prompts, objective)
         state = checkpoint.TrainerState(step=0, data_position=0, config=cfg.to_dict())
         optimizer_state = None

@@ -117,7 +117,8 @@ def sample_completions(model, tokenizer, examples, n: int, *, seed: int = 0, max
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     engine = HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer))
     prompt_ids = [render_prompt_ids(tokenizer, ex.question, template=prompt_template, chat_template=chat_template,
-                                    system_prompt=system_prompt, assistant_prefix=assistant_prefix)
+                                    system_prompt=system_prompt, assistant_prefix=assistant_prefix,
+                                    messages=ex.messages)
                   for ex in examples]
     completions: list[list[str]] = []
     for start in range(0, len(examples), batch_size):

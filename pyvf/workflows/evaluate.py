@@ -34,7 +34,9 @@ from pyvf.data.dataset import Example
 from pyvf.data.files import DataKeys
 from pyvf.options import ConfigError, add_option, from_args, keys, option
 from pyvf.runtime import checkpoint
-from pyvf.runtime.evaluation import evaluate_examples, format_results, metric_names, prompt_renderer
+from pyvf.runtime.evaluation import (
+    check_references, evaluate_examples, format_results, metric_names, prompt_renderer,
+)
 from pyvf.runtime.model import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from pyvf.runtime.policy import Policy
 from pyvf.runtime.rollout import HFGenerate, greedy
@@ -170,28 +172,27 @@ def _dtype(opts: EvalOptions, path: Path) -> torch.dtype:
     return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
 
 
-def build_engine(opts: EvalOptions, cache_dir: str):
-    """(engine, tokenizer, the HF model or None) of opts.model on opts.rollout: the HF
-    engine on the GPU when there is one, or vLLM reading the model directory (a sharded
-    pyvf checkpoint is written out for it first)."""
+def build_engine(opts: EvalOptions, tokenizer, cache_dir: str, max_model_len: int):
+    """(engine, the HF model or None) of opts.model on opts.rollout: the HF engine on the
+    GPU when there is one, or vLLM reading the model directory (a sharded pyvf checkpoint
+    is written out for it first), its context sized to `max_model_len` tokens."""
     path = resolve_model_path(opts.model)
     dtype = _dtype(opts, path)
     if opts.rollout == "hf":
-        model, tokenizer = load_model_and_tokenizer(opts.model, dtype)
+        model, _ = load_model_and_tokenizer(opts.model, dtype)
         if torch.cuda.is_available():
             model.to("cuda")
-        return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer)), tokenizer, model
+        return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer)), model
     from pyvf.runtime.rollout.vllm import INSTALL_HINT, VLLMEngine, vllm_available
 
     if not vllm_available():
         raise ConfigError(f"--rollout vllm: {INSTALL_HINT}")
-    tokenizer = load_tokenizer(opts.model)
     source = path
     if checkpoint.is_sharded(path):  # DCP shards: vLLM reads a plain model directory
         source, _ = load_model_and_tokenizer(opts.model, dtype)
     engine = VLLMEngine.from_model(source, tokenizer, dtype=dtype, cache_dir=cache_dir, gpu_memory_utilization=0.85,
-                                   seed=opts.seed)
-    return engine, tokenizer, None
+                                   max_model_len=max_model_len, seed=opts.seed)
+    return engine, None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -205,22 +206,27 @@ def main(args: argparse.Namespace) -> int:
     if "synthetic-long" in data and (opts.rollout != "hf" or opts.samples > 1 or opts.temperature > 0):
         raise ConfigError("--data synthetic-long scores the reference's likelihood with the HF model after greedy "
                           "reasoning: use --rollout hf, one greedy sample")
+    for spec, examples in data.items():
+        check_references(examples, f"--data {spec}")
+    tokenizer = load_tokenizer(opts.model)
+    render = {spec: prompting(opts, spec) for spec in data}
+    prompt_ids = {spec: prompt_renderer(tokenizer, **render[spec]) for spec in data}
+    longest = max(len(prompt_ids[spec](ex)) for spec, examples in data.items() for ex in examples)
     started = time.perf_counter()
     names = [Path(spec).name for spec in data]  # a table row's name: the file's, its path where two share one
     rows = []
     with tempfile.TemporaryDirectory(prefix="pyvf-eval-") as cache_dir:
-        engine, tokenizer, model = build_engine(opts, cache_dir)
+        engine, model = build_engine(opts, tokenizer, cache_dir, longest + opts.max_new_tokens)
         for spec, examples in data.items():
-            render = prompting(opts, spec)
             if spec == "synthetic-long":
                 short = dataset.load("synthetic", n_synthetic=len(examples), split="eval")
                 result = evaluate_long(model, tokenizer, examples, short, max_new_tokens=opts.max_new_tokens,
-                                       stop=stop_strings(opts.stop), **render)
+                                       stop=stop_strings(opts.stop), **render[spec])
             else:
                 result = evaluate_examples(engine, tokenizer, examples, samples=opts.samples,
                                            temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
                                            stop=stop_strings(opts.stop), answer_format=opts.answer_format,
-                                           seed=opts.seed, render=prompt_renderer(tokenizer, **render), progress=True,
+                                           seed=opts.seed, render=prompt_ids[spec], progress=True,
                                            batch_size=opts.batch_size or (64 if opts.rollout == "hf"
                                                                           else len(examples)))
             rows.append((spec if names.count(Path(spec).name) > 1 else Path(spec).name, result))

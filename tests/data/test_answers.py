@@ -93,16 +93,28 @@ def test_last_boxed():
     assert normalize("\\boxed{1.5}") == normalize("3/2")
 
 
+TEN = tuple(f"option {i}" for i in range(10))  # A-J, as MMLU-Pro
+
+
 @pytest.mark.parametrize("text,options,letter", [
     ("so \\boxed{B}", (), "B"),
     ("\\boxed{\\text{(c)}} then", (), "C"),
+    ("\\boxed{\\mathbf{B}}", (), "B"),
     ("\\boxed{B. Paris}", (), "B"),
     ("The answer is (D).", (), "D"),
-    ("Answer: **A**", (), "A"),
+    ("The correct answer is (b)", (), "B"),
+    ("**Answer: C**", (), "C"),
+    ("Final answer: $B$", (), "B"),
+    ("The answer is \\(B\\)", (), "B"),
+    ("The answer is option B", (), "B"),
+    ("The answer is B because it is larger", (), "B"),
     ("I first thought A. The answer is C", (), "C"),          # the last commitment wins
     ("\\boxed{C} but on reflection the answer is (B)", (), "B"),
-    ("the answer is a prime", (), None),                      # a lone lower-case word names no option
+    ("The answer is (C). Answer: A is the trap option.", TEN, "C"),  # "A" as an article is prose
+    ("Answer: I believe it is (C).", TEN, None),              # so is "I"
+    ("the answer is a prime", (), None),
     ("\\boxed{7}", ("4", "6", "7", "9"), "C"),                # the option's own text
+    ("\\boxed{I and III}", ("II only", "I and III", "III"), "B"),  # an option's text, not the letter I
     ("\\boxed{7}", (), None),
     ("The answer is (E)", ("x", "y", "z"), None),            # not an option of this question
     ("no answer here", (), None),
@@ -113,9 +125,14 @@ def test_choice_answer(text, options, letter):
 
 @pytest.mark.parametrize("text,expected", [
     ("reasoning... <answer> \\boxed{Paris} </answer>", "Paris"),
-    ("It must be so. The answer is Paris.\nAnything after", "Paris."),
-    ("Answer: the mitochondria", "the mitochondria"),
-    ("<answer> Paris </answer>", "Paris"),
+    ("Reasoning...\n<answer>Paris</answer>", "Paris"),
+    ("It must be so. The answer is Paris.\nAnything after", "Paris"),
+    ("The answer is Paris. I am confident this answer is correct.", "Paris"),
+    ("The answer is **Paris**.", "Paris"),
+    ("**Answer:** Paris", "Paris"),
+    ('Answer: "the mitochondria"', "the mitochondria"),
+    ("The answer is 1.5 meters.", "1.5 meters"),
+    ("Paris", "Paris"),
 ])
 def test_text_answer(text, expected):
     assert answers.text_answer(text) == expected
@@ -128,11 +145,14 @@ def test_graded_answer_and_format_resolution():
     assert answers.resolve_answer_format("auto", [mc]) == "choice"
     assert answers.resolve_answer_format("auto", [Example("Q", ("8",), (1.0,))]) == "math"
     assert answers.resolve_answer_format("auto", [Example("Q", ("C",), (1.0,))]) == "choice"  # letters, options inline
+    assert answers.resolve_answer_format("auto", [mc, Example("Q", ("8",), (1.0,))]) == "mixed"
     assert answers.resolve_answer_format("text", [mc]) == "text"
+    assert answers.graded_answer("The answer is (B)", ("B",), "auto") == ("B", True)  # decided per example
+    assert answers.graded_answer("\\boxed{8}", ("8",), "auto") == ("8", True)
     with pytest.raises(ValueError, match="answer_format must be one of"):
         answers.resolve_answer_format("letters", [mc])
     assert answers.graded_answer("the answer is (b)", ("B",), "choice", options=mc.options) == ("B", True)
     assert answers.graded_answer("\\boxed{x}", ("B",), "choice", options=mc.options) == ("A", False)
     assert answers.graded_answer("\\boxed{8/5}", ("1.6",), "math") == ("8/5", True)
-    assert answers.graded_answer("The answer is: PARIS.", ("Paris",), "text") == ("PARIS.", True)
+    assert answers.graded_answer("The answer is: PARIS.", ("Paris",), "text") == ("PARIS", True)
     assert answers.graded_answer("", ("Paris",), "text") == ("", False)

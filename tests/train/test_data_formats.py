@@ -70,3 +70,5 @@ def test_eval_during_training_is_what_pyvf_eval_reports(tmp_path, capsys):
     assert after["categories"] == during["categories"]
     assert cli(["train", "--eval-every", "2", "--output-dir", str(tmp_path / "bad"), *FAST]) == 2
     assert "eval_every 2 needs eval_data" in capsys.readouterr().err
+    assert cli(["train", "--eval-data", "synthetic-long", "--output-dir", str(tmp_path / "bad"), *FAST]) == 2
+    assert "no answer format grades" in capsys.readouterr().err

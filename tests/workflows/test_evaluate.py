@@ -67,6 +67,8 @@ def test_eval_answer_formats_and_errors(tmp_path, capsys):
     assert "copies of the greedy answer" in capsys.readouterr().err
     assert cli(["eval", "--data", "synthetic-long", "--samples", "2", "--temperature", "1"]) == 2
     assert cli(["eval", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert cli(["eval", "--data", "openended"]) == 2
+    assert "--data openended: question 0 has no reference answer" in capsys.readouterr().err
 
 
 def test_final_number():
