@@ -186,13 +186,17 @@ def test_train_with_vllm_keeps_the_engine_in_sync(tmp_path):
         assert math.isfinite(r["loss"]) and r["rollout_logprob_diff"] <= 1e-3, r
         assert r["time_weight_sync"] > 0
     # The held-out evaluation after the last step decodes greedily on the engine, which has
-    # the trained weights: `pyvf eval` of the final checkpoint on HF reads the same answers.
+    # the trained weights: `pyvf eval` of the final checkpoint on HF reads the same answers,
+    # `pyvf eval --rollout vllm` of the run (its DCP checkpoint written out as a model
+    # directory for vLLM) reads them too.
     during = json.loads((out / "eval" / "step-000003.json").read_text())
     assert "eval_accuracy" in records[-1] and during["n"] == 8
-    assert cli(["eval", "--model", str(out), "--data", "synthetic", "--limit", "8", "--max-new-tokens", "40",
-                "--output", str(tmp_path / "after.json")]) == 0
-    after, = json.loads((tmp_path / "after.json").read_text())["results"]
-    assert [d["predictions"] for d in after["details"]] == [d["predictions"] for d in during["details"]]
+    for rollout in ("hf", "vllm"):
+        after = tmp_path / f"after-{rollout}.json"
+        assert cli(["eval", "--rollout", rollout, "--model", str(out), "--data", "synthetic", "--limit", "8",
+                    "--max-new-tokens", "40", "--output", str(after)]) == 0
+        result, = json.loads(after.read_text())["results"]
+        assert [d["predictions"] for d in result["details"]] == [d["predictions"] for d in during["details"]]
 
 
 def test_vllm_in_an_engine_process_one_step_off(tmp_path):
