@@ -10,7 +10,6 @@ do not depend on the batch size, the engine's batching or the number of processe
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -19,8 +18,6 @@ from pyvf.data.answers import graded_answer, resolve_answer_format
 from pyvf.data.example import Example
 from pyvf.runtime import distributed
 from pyvf.runtime.rollout.seeding import prompt_seed
-
-log = logging.getLogger("pyvf")
 
 
 def metric_names(samples: int) -> tuple[str, str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import tempfile
 import time
@@ -43,8 +42,6 @@ from pyvf.runtime.rollout import HFGenerate, greedy
 from pyvf.splice import DEFAULT_ANSWER_TEMPLATE, DEFAULT_MARKER
 from pyvf.verify.verifree import verifree_scores
 from pyvf.workflows.common import PromptOptions, prompting, stop_strings
-
-log = logging.getLogger("pyvf")
 
 HELP = "accuracy of a model on data sets (greedy, or avg@k / pass@k), per category, on the hf or vllm engine"
 
