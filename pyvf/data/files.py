@@ -9,18 +9,23 @@ verl's rows (`prompt` as a list of chat messages, the reference under
 template to render as given. Multiple-choice rows (`options` or `choices`, and the
 answer as a letter, an index or the option's text) become the question with its lettered
 options and the letter as the reference. A category column (`category`, `subject`,
-`data_source`, `domain`) is kept for evaluation's per-category accuracy. Rows that give no
-usable question or reference are skipped and counted.
+`data_source`, `domain`) is kept for evaluation's per-category accuracy. A reference that
+is a worked solution becomes its final answer: what follows GSM8K's "#### ", or the last
+\\boxed{} (MATH, open-r1). Rows that give no usable question or reference are skipped and
+counted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvf.data.answers import last_boxed
 from pyvf.data.example import Example
 
 log = logging.getLogger("pyvf")
@@ -161,6 +166,20 @@ def _answers(value) -> list[str] | None:
     return [v.strip() for v in out]
 
 
+_FINAL_LINE = re.compile(r"\n####\s*([^\n]+?)\s*$")
+
+
+def final_answer(reference: str) -> str:
+    """The final answer a worked solution given as the reference ends with: what follows
+    GSM8K's "#### ", or the last \\boxed{...} (MATH's and open-r1's solutions); any
+    other reference as it is."""
+    m = _FINAL_LINE.search(reference)
+    if m:
+        return m.group(1)
+    boxed = last_boxed(reference) if "\\boxed{" in reference else None
+    return boxed.strip() if boxed and boxed.strip() else reference
+
+
 def choice_letter(answer, options: list[str]) -> str | None:
     """The option letter an answer names: a letter ("B", "(B)", "b"), an index (1, "1") or
     the option's own text."""
@@ -188,9 +207,11 @@ def with_options(question: str, options: list[str]) -> str:
 
 
 def row_example(row: dict, question_key: str, answer_key: str, weights_key: str, option_key: str | None,
-                weights_required: bool = False, category_key: str = "") -> Example | None:
+                weights_required: bool = False, category_key: str = "", stats: Counter | None = None
+                ) -> Example | None:
     """One row as an Example, or None when it has no usable question or reference (or no
-    weights where `weights_required`: an explicit --weights-key)."""
+    weights where `weights_required`: an explicit --weights-key). A worked-solution
+    reference becomes its final answer (`final_answer`), counted in stats["final_answer"]."""
     try:
         question = _get(row, question_key)
         answer = _get(row, answer_key)
@@ -222,6 +243,10 @@ def row_example(row: dict, question_key: str, answer_key: str, weights_key: str,
         answers = _answers(answer)
         if answers is None:
             return None
+        finals = [final_answer(a) for a in answers]
+        if finals != answers and stats is not None:
+            stats["final_answer"] += 1
+        answers = finals
     weights = [1.0] * len(answers)
     if weights_key and _has(row, weights_key):
         weights = _get(row, weights_key)
@@ -256,10 +281,10 @@ def load_examples(path: str | Path, keys: DataKeys | None = None) -> list[Exampl
         raise ValueError(f"data: {source} has no column {keys.category!r} (--category-key); its columns: "
                          f"{', '.join(_columns(first))}")
     category_key = keys.category or next((k for k in CATEGORY_KEYS if isinstance(first.get(k), (str, int))), "")
-    examples, bad = [], 0
+    examples, bad, stats = [], 0, Counter()
     for row in rows:
-        ex = (row_example(row, question_key, answer_key, weights_key, option_key, bool(keys.weights), category_key)
-              if isinstance(row, dict) else None)
+        ex = (row_example(row, question_key, answer_key, weights_key, option_key, bool(keys.weights), category_key,
+                          stats) if isinstance(row, dict) else None)
         if ex is None:
             bad += 1
         else:
@@ -269,6 +294,9 @@ def load_examples(path: str | Path, keys: DataKeys | None = None) -> list[Exampl
              kind, answer_key, f", options from {option_key} (the letter is the reference)" if option_key else "",
              f", weights from {weights_key}" if weights_key else "",
              f", category from {category_key}" if category_key else "", len(examples))
+    if stats["final_answer"]:
+        log.info("data: %d reference(s) of %s end in a final answer (after \"####\", or a last \\boxed{}): that "
+                 "answer is the reference", stats["final_answer"], source)
     if bad:
         log.warning("data: skipped %d bad row(s) of %s (missing or empty question/answer, bad options or weights)",
                     bad, path)

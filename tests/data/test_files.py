@@ -114,3 +114,19 @@ def test_category_column_found_or_named(tmp_path):
     assert load_examples(path)[0].options == ()
     with pytest.raises(ValueError, match=r"no column 'area' \(--category-key\); its columns: question, answer"):
         load_examples(path, DataKeys(category="area"))
+
+
+def test_worked_solutions_become_their_final_answers(tmp_path, caplog):
+    """GSM8K's answers end in "#### 72"; MATH's and open-r1's solutions box the answer:
+    the reference is that final answer (what their own graders compare)."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"question": "Clips?", "answer": "She sold 48 / 2 = 24 clips in May.\n#### 72"},
+            {"problem": "Half?", "solution": "Divide by two: $\\boxed{\\frac{1}{2}}$."},
+            {"question": "Plain?", "answer": "8"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows[:1] + rows[2:]) + "\n")
+    with caplog.at_level(logging.INFO, logger="pyvf"):
+        assert [e.answers for e in load_examples(path)] == [("72",), ("8",)]
+    assert "1 reference(s) of mixed.jsonl end in a final answer" in caplog.text
+    math = tmp_path / "math.jsonl"
+    math.write_text(json.dumps(rows[1]) + "\n")
+    assert load_examples(math)[0].answers == ("\\frac{1}{2}",)
