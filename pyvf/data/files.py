@@ -133,15 +133,29 @@ def _columns(row: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _find(row: dict, names: tuple[str, ...], kinds: tuple[type, ...] = (object,)) -> str:
+    """The first of `names` the row has (a value of one of `kinds`), spelled as the row
+    spells it ("Question" for question, as GPQA does); "" when none."""
+    for name in names:
+        if _has(row, name) and isinstance(_get(row, name), kinds):
+            return name
+    by_lower = {key.lower(): key for key in row if isinstance(key, str)}
+    for name in names:
+        key = by_lower.get(name)
+        if "." not in name and key is not None and isinstance(row[key], kinds):
+            return key
+    return ""
+
+
 def _pick(row: dict, given: str, names: tuple[str, ...], what: str, flag: str, source: str) -> str:
     if given:
         if not _has(row, given):
             raise ValueError(f"data: {source} has no column {given!r} ({flag}); its columns: "
                              f"{', '.join(_columns(row))}")
         return given
-    for name in names:
-        if _has(row, name):
-            return name
+    found = _find(row, names)
+    if found:
+        return found
     raise ValueError(f"data: {source} has no {what} column ({', '.join(names)}): name it with {flag}; its "
                      f"columns: {', '.join(_columns(row))}")
 
@@ -276,11 +290,11 @@ def load_examples(path: str | Path, keys: DataKeys | None = None) -> list[Exampl
     if keys.weights and not _has(first, keys.weights):
         raise ValueError(f"data: {source} has no column {keys.weights!r} (--weights-key); its columns: "
                          f"{', '.join(_columns(first))}")
-    option_key = next((k for k in OPTION_KEYS if isinstance(first.get(k), list)), None)
+    option_key = _find(first, OPTION_KEYS, (list,)) or None
     if keys.category and not _has(first, keys.category):
         raise ValueError(f"data: {source} has no column {keys.category!r} (--category-key); its columns: "
                          f"{', '.join(_columns(first))}")
-    category_key = keys.category or next((k for k in CATEGORY_KEYS if isinstance(first.get(k), (str, int))), "")
+    category_key = keys.category or _find(first, CATEGORY_KEYS, (str, int))
     examples, bad, stats = [], 0, Counter()
     for row in rows:
         ex = (row_example(row, question_key, answer_key, weights_key, option_key, bool(keys.weights), category_key,

@@ -130,3 +130,10 @@ def test_worked_solutions_become_their_final_answers(tmp_path, caplog):
     math = tmp_path / "math.jsonl"
     math.write_text(json.dumps(rows[1]) + "\n")
     assert load_examples(math)[0].answers == ("\\frac{1}{2}",)
+
+
+def test_column_names_are_found_whatever_their_case(tmp_path):
+    path = tmp_path / "gpqa.jsonl"
+    path.write_text(json.dumps({"Question": "Which?", "Options": ["x", "y"], "Answer": "B", "Subject": "bio"}) + "\n")
+    ex, = load_examples(path)
+    assert (ex.question, ex.answers, ex.options, ex.category) == ("Which?\nA. x\nB. y", ("B",), ("x", "y"), "bio")
