@@ -32,7 +32,7 @@ from pyvf.data.answers import ANSWER_FORMATS, is_equivalent, last_boxed
 from pyvf.data.dataset import Example
 from pyvf.data.files import DataKeys
 from pyvf.options import ConfigError, add_option, from_args, keys, option
-from pyvf.runtime import checkpoint
+from pyvf.runtime import checkpoint, distributed
 from pyvf.runtime.evaluation import (
     check_references, evaluate_examples, format_results, metric_names, prompt_renderer,
 )
@@ -169,16 +169,15 @@ def _dtype(opts: EvalOptions, path: Path) -> torch.dtype:
     return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
 
 
-def build_engine(opts: EvalOptions, tokenizer, cache_dir: str, max_model_len: int):
-    """(engine, the HF model or None) of opts.model on opts.rollout: the HF engine on the
-    GPU when there is one, or vLLM reading the model directory (a sharded pyvf checkpoint
-    is written out for it first), its context sized to `max_model_len` tokens."""
+def build_engine(opts: EvalOptions, tokenizer, cache_dir: str, max_model_len: int, device: torch.device):
+    """(engine, the HF model or None) of opts.model on opts.rollout: the HF engine on
+    `device`, or vLLM reading the model directory (a sharded pyvf checkpoint is written out
+    for it first), its context sized to `max_model_len` tokens."""
     path = resolve_model_path(opts.model)
     dtype = _dtype(opts, path)
     if opts.rollout == "hf":
         model, _ = load_model_and_tokenizer(opts.model, dtype)
-        if torch.cuda.is_available():
-            model.to("cuda")
+        model.to(device)
         return HFGenerate(model, tokenizer, stop_token_ids=stop_token_ids(model, tokenizer)), model
     from pyvf.runtime.rollout.vllm import INSTALL_HINT, VLLMEngine, vllm_available
 
@@ -193,6 +192,8 @@ def build_engine(opts: EvalOptions, tokenizer, cache_dir: str, max_model_len: in
 
 
 def main(args: argparse.Namespace) -> int:
+    """Under torchrun, every process evaluates its share of each data set on its own
+    device (data parallel) and rank 0 reports."""
     opts = from_args(EvalOptions, args)
     opts.data = tuple(opts.data)
     if opts.samples > 1 and opts.temperature == 0:
@@ -205,6 +206,15 @@ def main(args: argparse.Namespace) -> int:
                           "reasoning: use --rollout hf, one greedy sample")
     for spec, examples in data.items():
         check_references(examples, f"--data {spec}")
+    rank, world, device = distributed.setup("auto")
+    try:
+        return _evaluate_all(opts, data, rank, world, device)
+    finally:
+        distributed.teardown()
+
+
+def _evaluate_all(opts: EvalOptions, data: dict[str, list[Example]], rank: int, world: int,
+                  device: torch.device) -> int:
     tokenizer = load_tokenizer(opts.model)
     render = {spec: prompting(opts, spec) for spec in data}
     prompt_ids = {spec: prompt_renderer(tokenizer, **render[spec]) for spec in data}
@@ -213,9 +223,9 @@ def main(args: argparse.Namespace) -> int:
     names = [Path(spec).name for spec in data]  # a table row's name: the file's, its path where two share one
     rows = []
     with tempfile.TemporaryDirectory(prefix="pyvf-eval-") as cache_dir:
-        engine, model = build_engine(opts, tokenizer, cache_dir, longest + opts.max_new_tokens)
+        engine, model = build_engine(opts, tokenizer, cache_dir, longest + opts.max_new_tokens, device)
         for spec, examples in data.items():
-            if spec == "synthetic-long":
+            if spec == "synthetic-long":  # not split between processes: every rank scores all of it
                 short = dataset.load("synthetic", n_synthetic=len(examples), split="eval")
                 result = evaluate_long(model, tokenizer, examples, short, max_new_tokens=opts.max_new_tokens,
                                        stop=stop_strings(opts.stop), **render[spec])
@@ -223,16 +233,19 @@ def main(args: argparse.Namespace) -> int:
                 result = evaluate_examples(engine, tokenizer, examples, samples=opts.samples,
                                            temperature=opts.temperature, max_new_tokens=opts.max_new_tokens,
                                            stop=stop_strings(opts.stop), answer_format=opts.answer_format,
-                                           seed=opts.seed, render=prompt_ids[spec], progress=True,
+                                           seed=opts.seed, render=prompt_ids[spec], progress=True, rank=rank,
+                                           world=world,
                                            batch_size=opts.batch_size or (64 if opts.rollout == "hf"
                                                                           else len(examples)))
             rows.append((spec if names.count(Path(spec).name) > 1 else Path(spec).name, result))
         if hasattr(engine, "close"):
             engine.close()
+    if rank != 0:
+        return 0
     seconds = time.perf_counter() - started
     how = ("greedy" if opts.temperature == 0 else
            f"{opts.samples} sample(s) per question at temperature {opts.temperature:g}")
-    print(f"eval: model {opts.model}, engine {opts.rollout}, {how}, {seconds:.0f} s")
+    print(f"eval: model {opts.model}, engine {opts.rollout}, {how}, {world} process(es), {seconds:.0f} s")
     print(format_results(rows))
     for name, result in rows:
         if "reference_loglik" in result:
@@ -240,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
                   f"model's reasoning; accuracy is on the final number")
     Path(opts.output).write_text(json.dumps(
         {"model": opts.model, "rollout": opts.rollout, "samples": opts.samples, "temperature": opts.temperature,
-         "seed": opts.seed, "max_new_tokens": opts.max_new_tokens, "seconds": seconds,
+         "seed": opts.seed, "max_new_tokens": opts.max_new_tokens, "processes": world, "seconds": seconds,
          "results": [{"data": spec, **result} for spec, (_, result) in zip(data, rows)]}, indent=2))
     print(f"eval: wrote {opts.output}")
     return 0

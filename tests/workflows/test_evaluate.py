@@ -97,3 +97,24 @@ def test_eval_on_the_long_answer_task(tmp_path, capsys):
     assert all(d["reference_loglik"] < 0 for d in result["details"])
     assert result["reference_loglik"] == sum(d["reference_loglik"] for d in result["details"]) / 8
     assert "reference log-likelihood" in capsys.readouterr().out
+
+
+def test_eval_under_torchrun_splits_the_questions_and_reads_the_same_answers(tmp_path):
+    """Two processes each decode their share (9 questions: 5 and 4) and rank 0 reports
+    exactly what one process does: the seeds are per question."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "mc.jsonl"
+    write_choice_file(data, n=9)
+    args = ["eval", "--data", str(data), "synthetic", "--limit", "9", "--samples", "2", "--temperature", "1.0"]
+    assert cli(args + ["--output", str(tmp_path / "one.json")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "pyvf.cli", *args, "--output", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval: model builtin") == 1 and "2 process(es)" in proc.stdout  # rank 0 reports
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["processes"] == 2
+    assert [r["details"] for r in two["results"]] == [r["details"] for r in one["results"]]
