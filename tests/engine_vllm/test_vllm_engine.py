@@ -219,3 +219,27 @@ def test_vllm_in_an_engine_process_one_step_off(tmp_path):
     assert records[0]["rollout_logprob_diff"] <= 1e-3
     for r in records:
         assert math.isfinite(r["loss"]) and r["is_weight"] != 1.0 and 0.9 < r["is_weight"] < 1.1, r
+
+
+def test_pyvf_eval_on_vllm_under_torchrun(tmp_path):
+    """Two processes, a vLLM engine each beside the job's process group: each decodes its
+    share, rank 0 reports the greedy answers one HF process reads, and both exit cleanly
+    (the engines shut down before the group: no traceback at exit)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pyvf.cli import main as cli
+
+    args = ["eval", "--data", "synthetic", "--limit", "6"]
+    assert cli(args + ["--output", str(tmp_path / "hf.json")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "pyvf.cli", *args, "--rollout", "vllm", "--output", str(tmp_path / "vllm.json")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    hf, = json.loads((tmp_path / "hf.json").read_text())["results"]
+    two = json.loads((tmp_path / "vllm.json").read_text())
+    assert two["processes"] == 2
+    assert [d["completions"] for d in two["results"][0]["details"]] == [d["completions"] for d in hf["details"]]

@@ -239,3 +239,11 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up(tags=sorted(self._asleep))
             self._asleep.clear()
+
+    def close(self) -> None:
+        """Shuts the engine down now, its process groups included. Left to the end of
+        the interpreter, vLLM's finalizer would destroy groups after torchrun's default
+        group is gone, and fail."""
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if client is not None and hasattr(client, "shutdown"):
+            client.shutdown()
