@@ -23,7 +23,7 @@ import math
 import operator
 import re
 from collections import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -179,8 +179,9 @@ class PCL(Objective):
         for i, (c,) in zip(todo, outputs):
             s = samples[i]
             logprobs = None if s.rollout_logprobs is None or c.logprobs is None else s.rollout_logprobs + c.logprobs
-            out[i] = Sample(s.example_index, s.example, s.prompt_ids, s.ids + c.ids, c.finish, logprobs, s.group,
-                            answer_end=len(s.ids))
+            # The sample keeps the version (and numerics) that sampled its answer: under lag
+            # its tokens still get their importance weights (the continuation's are ~1).
+            out[i] = replace(s, ids=s.ids + c.ids, finish=c.finish, rollout_logprobs=logprobs, answer_end=len(s.ids))
         return out
 
     def _parts(self, s: Sample) -> tuple[list[int], list[int]]:

@@ -86,13 +86,19 @@ class AheadRollouts:
             self.pending[step] = self._submit(step, indices, max(0, min(published, step - 1 - cfg.max_staleness)),
                                               False)
 
-    def fill(self, step: int) -> None:
-        """Submits what the mode runs ahead when step `step` starts (the trainer holds the
-        weights after step - 1, published): the step's own batch if nothing is in flight
-        for it, and the steps after it."""
-        cfg = self.cfg
-        ahead = 1 if cfg.rollout_mode == "one_step_off" else cfg.max_staleness
-        for s in range(step, min(step + ahead, cfg.max_steps) + 1):  # in step order: the data order's
+    @property
+    def lead(self) -> int:
+        """How many steps the mode samples ahead of the one training: one_step_off 1,
+        async max_staleness."""
+        return 1 if self.cfg.rollout_mode == "one_step_off" else self.cfg.max_staleness
+
+    def fill(self, first: int, last: int) -> None:
+        """Submits the batch of every step from `first` through `last` (and max_steps) that
+        has none in flight, in step order (the data order's), with the weights published
+        now: the trainer calls it for its step t when nothing is in flight for it (the first
+        step, a resume), and for t + 1 .. t + lead once step t's own engine work
+        (continuations, refills) is done, so it never queues behind them."""
+        for s in range(first, min(last, self.cfg.max_steps) + 1):
             if s not in self.pending:
                 self._new(s)
 

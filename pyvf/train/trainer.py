@@ -402,7 +402,7 @@ class Trainer:
         engine.wake()
         first_round, ahead_info = None, {}
         if self.ahead is not None:
-            self.ahead.fill(step)
+            self.ahead.fill(step, step)  # in flight already, except at the first step and a resume
             with timer("rollout"):
                 first_round, ahead_info = self.ahead.take(step)
         samples, rewards, info = collect(cfg, engine, self.prompts, self.order, self.state, self.objective, ctx, timer,
@@ -410,6 +410,8 @@ class Trainer:
                                          sharded_policy=policy if self.sharded and self.ahead is None
                                          and not hasattr(engine, "publish") else None,
                                          extra_reward=self.extra_reward, first_round=first_round)
+        if self.ahead is not None:  # they sample while this step trains
+            self.ahead.fill(step + 1, step + self.ahead.lead)
         engine.sleep()
         policy.train()
         sums = accumulate_gradients(cfg, self.objective, self.objective.config.loss_agg, policy, samples, rewards,

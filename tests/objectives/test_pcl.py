@@ -227,7 +227,8 @@ def test_continue_rollout_samples_on_after_the_answer_only():
     obj = PCL(config(objective="pcl", pcl_evaluation_tokens=20), tok)
     base = pcl_samples(tok, POSTS)
     samples = [Sample(s.example_index, s.example, s.prompt_ids, s.ids[:s.answer_end], f, [-0.5] * s.answer_end,
-                      s.group) for s, f in zip(base, ["stop", "eos", "length", "stop"])]
+                      s.group, policy_version=1, engine_on_policy=False)
+               for s, f in zip(base, ["stop", "eos", "length", "stop"])]
     engine = FakeEngine(tok)
     out = obj.continue_rollout(samples, engine, context(None, step=3))
     (prompts, n, kw), = engine.calls
@@ -237,6 +238,8 @@ def test_continue_rollout_samples_on_after_the_answer_only():
         assert out[k].answer_end == len(samples[k].ids) and out[k].ids[:out[k].answer_end] == samples[k].ids
         assert out[k].finish == "eos" and out[k].rollout_logprobs[-1] == -0.25
         assert len(out[k].rollout_logprobs) == len(out[k].ids)
+        # sampled (in part) by version 1 with another engine's numerics: step 3 weights its tokens
+        assert out[k].policy_version == 1 and not out[k].behaviour_is_current(3)
     assert out[1] is samples[1] and out[2] is samples[2] and out[1].answer_end is None
     # The seeds depend on (seed, step, group, sample in group), not on the batch or the
     # rank: another group's samples in front (as on one process) change nothing.

@@ -154,9 +154,25 @@ class StoreQueue:
         return item
 
 
-def _queues(store, engine: int) -> tuple[StoreQueue, StoreQueue]:
-    """(requests, weight versions) of engine `engine` (1..N)."""
-    return StoreQueue(store, f"engine{engine}/requests"), StoreQueue(store, f"engine{engine}/versions")
+def _queues(store, engine: int) -> tuple[StoreQueue, StoreQueue, StoreQueue]:
+    """(requests, urgent requests, weight versions) of engine `engine` (1..N). An urgent
+    request (what the trainer waits on now: a continuation, a refill) is served before the
+    queued batches of later steps."""
+    return (StoreQueue(store, f"engine{engine}/requests"), StoreQueue(store, f"engine{engine}/urgent"),
+            StoreQueue(store, f"engine{engine}/versions"))
+
+
+def _next_request(requests: StoreQueue, urgent: StoreQueue):
+    """The next urgent request when there is one, else the next request (waiting for one)."""
+    while True:
+        try:
+            return urgent.get(timeout_s=0.0)
+        except queue.Empty:
+            pass
+        try:
+            return requests.get(timeout_s=0.01)
+        except queue.Empty:
+            continue
 
 
 def _results(store, trainer_rank: int) -> StoreQueue:
@@ -237,7 +253,7 @@ def serve(store, spec: EngineSpec, index: int, size: int, *, prefixed: bool = Fa
     """Engine `index` (1..N) of `size` - 1: serves requests until a None request comes."""
     if prefixed:
         store = _rollout_store(store)
-    requests, control = _queues(store, index)
+    requests, urgent, control = _queues(store, index)
     try:
         torch.set_num_threads(spec.threads)
         if spec.device.startswith("cuda"):
@@ -274,7 +290,7 @@ def serve(store, spec: EngineSpec, index: int, size: int, *, prefixed: bool = Fa
         idle = 0.0
         waited_since = time.perf_counter()
         while True:
-            req = requests.get()
+            req = _next_request(requests, urgent)
             if req is None:
                 break
             with cond:
@@ -385,8 +401,8 @@ class EngineProcesses:
             self._store = _rollout_store(store)
             if rank == 0:
                 self._store.set("spec", pickle.dumps(spec))
-        self._requests = [_queues(self._store, i + 1)[0] for i in range(procs)]
-        self._control = [_queues(self._store, i + 1)[1] for i in range(procs)]
+        self._requests, self._urgent, self._control = (list(q) for q in zip(*(_queues(self._store, i + 1)
+                                                                              for i in range(procs))))
         self._results = _results(self._store, rank)
         self._closed = False
         self.device = torch.device(spec.device if self._on_gpu else "cpu")
@@ -441,10 +457,11 @@ class EngineProcesses:
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=(), min_new_tokens=0,
-               version: int | None = None, exact: bool = True) -> Ticket:
+               version: int | None = None, exact: bool = True, urgent: bool = False) -> Ticket:
         """Sends the prompts to the engines (split evenly, in order) and returns at once.
         `version`: the policy version to generate with (default: the newest published);
-        `exact` False lets an engine take any newer one it has."""
+        `exact` False lets an engine take any newer one it has. `urgent`: served before
+        the requests already queued (not before the one an engine is running)."""
         validate_generate_args(prompts, n, max_new_tokens, temperature, seeds, stop, min_new_tokens)
         version = self.version if version is None else version
         if version > self.version:
@@ -459,8 +476,9 @@ class EngineProcesses:
                 continue
             self._tickets += 1
             ids[self._tickets] = part
-            self._requests[i].put(_Request(self._tickets, [list(prompts[j]) for j in part], n, kwargs,
-                                           [int(seeds[j]) for j in part], version, exact, self.rank))
+            queue_ = (self._urgent if urgent else self._requests)[i]
+            queue_.put(_Request(self._tickets, [list(prompts[j]) for j in part], n, kwargs,
+                                [int(seeds[j]) for j in part], version, exact, self.rank))
         return Ticket(ids, len(prompts))
 
     def result(self, ticket: Ticket) -> tuple[list[list[Completion]], dict]:
@@ -523,12 +541,13 @@ class EngineProcesses:
         return self._done.pop(tid)
 
     def generate(self, prompts, n, *, max_new_tokens, temperature, seeds, stop=(), min_new_tokens=0):
-        """The protocol's generate: with the newest published weights, waiting for them."""
+        """The protocol's generate: with the newest published weights, waiting for them; the
+        trainer waits on it, so it goes before the batches sampled ahead (urgent)."""
         if not prompts:
             validate_generate_args([[0]], n, max_new_tokens, temperature, [0], stop, min_new_tokens)
             return []
         ticket = self.submit(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, seeds=seeds,
-                             stop=stop, min_new_tokens=min_new_tokens)
+                             stop=stop, min_new_tokens=min_new_tokens, urgent=True)
         return self.result(ticket)[0]
 
     def sleep(self) -> None:
