@@ -144,7 +144,10 @@ def test_weight_layout_round_trips_and_sends_a_tied_weight_once():
         layout.flatten({"embed.weight": emb}, "cpu")
 
 
-def test_engine_processes_report_a_dead_engine(tmp_path):
+def test_engine_processes_serve_what_the_trainer_waits_on_first_and_report_a_dead_engine(tmp_path):
+    """`generate` (what a step waits on: a continuation, a refill) goes before batches
+    queued for later steps: it returns while the second of three queued batches has not
+    started; the completions are the ones the same request gets alone."""
     from pyvf.runtime.model import load_model_and_tokenizer
     from pyvf.runtime.rollout.remote import EngineProcesses, EngineSpec
 
@@ -155,6 +158,13 @@ def test_engine_processes_report_a_dead_engine(tmp_path):
     try:
         out = engines.generate([[5, 6, 7]], 2, max_new_tokens=4, temperature=1.0, seeds=[3], stop=[])
         assert len(out[0]) == 2 and all(c.policy_version == 0 for c in out[0])
+        batch = dict(max_new_tokens=48, temperature=1.0, seeds=list(range(16)), stop=[])
+        queued = [engines.submit([[5, 6, 7]] * 16, 8, **batch) for _ in range(3)]
+        urgent = engines.generate([[5, 6, 7]], 2, max_new_tokens=4, temperature=1.0, seeds=[3], stop=[])
+        assert [[c.ids for c in g] for g in urgent] == [[c.ids for c in g] for g in out]
+        assert not engines.ready(queued[1]) and not engines.ready(queued[2])
+        for ticket in queued:
+            engines.result(ticket)
         with pytest.raises(ValueError, match="not published"):
             engines.submit([[5]], 1, max_new_tokens=2, temperature=1.0, seeds=[1], version=3)
         engines._procs[0].kill()
