@@ -125,7 +125,7 @@ class AheadRollouts:
                 prompt_ids, seeds = rollout_inputs(cfg, self.prompts, indices, self.first_group, step)
                 again = self.engine.submit([prompt_ids[j] for j in old], cfg.group_size,
                                            seeds=[seeds[j] for j in old], version=self.engine.version, exact=True,
-                                           **generate_kwargs(cfg))
+                                           urgent=True, **generate_kwargs(cfg))
                 fresh, more = self.engine.result(again)
                 for j, group in zip(old, fresh):
                     outputs[j] = group

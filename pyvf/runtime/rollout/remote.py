@@ -163,16 +163,17 @@ def _queues(store, engine: int) -> tuple[StoreQueue, StoreQueue, StoreQueue]:
 
 
 def _next_request(requests: StoreQueue, urgent: StoreQueue):
-    """The next urgent request when there is one, else the next request (waiting for one)."""
+    """The next urgent request when there is one, else the next request (waiting for one,
+    polling both as StoreQueue.get polls one)."""
+    pause = 0.0005
     while True:
-        try:
-            return urgent.get(timeout_s=0.0)
-        except queue.Empty:
-            pass
-        try:
-            return requests.get(timeout_s=0.01)
-        except queue.Empty:
-            continue
+        for q in (urgent, requests):
+            try:
+                return q.get(timeout_s=0.0)
+            except queue.Empty:
+                pass
+        time.sleep(pause)
+        pause = min(2 * pause, 0.02)
 
 
 def _results(store, trainer_rank: int) -> StoreQueue:
