@@ -134,6 +134,17 @@ def complete(directory: Path, step: int, *, model, tokenizer=None, keep: int = 0
     return final
 
 
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Writes `text` to a temporary file beside `path`, then renames it into place: a
+    reader (or a run killed mid-write) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def _fsync_tree(path: Path) -> None:
     """Flushes a file, or a directory and everything in it, to the disk."""
     paths = [path] if path.is_file() else [*sorted(p for p in path.rglob("*")), path]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from pyvf.runtime.checkpoint import write_atomic
 
 log = logging.getLogger("pyvf")
 
@@ -24,9 +25,7 @@ class MetricsLog:
         # A resumed run keeps the steps up to its checkpoint and writes the rest again, so
         # each step is there once however the last run ended (a line torn by a kill is dropped).
         kept = [json.dumps(r) for r in _read(self.path) if r["step"] <= resume_step] if resume_step else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             try:

@@ -493,9 +493,9 @@ class Trainer:
         for name, c in result.get("categories", {}).items():
             metrics[f"eval_accuracy/{name}"] = c[avg]
         if self.rank == 0:
-            path = self.out_dir / "eval" / f"step-{self.state.step:06d}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"step": self.state.step, "data": cfg.eval_data, **result}, indent=2))
+            path = checkpoint.write_atomic(self.out_dir / "eval" / f"step-{self.state.step:06d}.json",
+                                           json.dumps({"step": self.state.step, "data": cfg.eval_data, **result},
+                                                      indent=2))
             log.info("eval step %d: %s %.1f%%%s on %s (%d questions, %s, %.1f s; %s)", self.state.step, avg,
                      100 * result[avg], f", {pass_} {100 * result[pass_]:.1f}%" if cfg.eval_samples > 1 else "",
                      cfg.eval_data, result["n"], result["answer_format"], seconds, path)

@@ -31,6 +31,7 @@ from pyvf.data import dataset
 from pyvf.data.answers import is_equivalent, last_boxed
 from pyvf.data.openended import true_score
 from pyvf.options import add_options, from_args, option
+from pyvf.runtime.checkpoint import write_atomic
 from pyvf.runtime.rollout import HFGenerate, prompt_seed
 from pyvf.verify import get_verifier
 from pyvf.workflows.common import SamplingOptions, load_model, prompting, stop_strings, task_defaults
@@ -182,10 +183,7 @@ def write_result(result: dict, output_dir: str | Path) -> tuple[Path, Path | Non
     """bon.json (the result) and bon.png (the curve) in `output_dir`."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "bon.json"
-    tmp = out / ".bon.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, json_path)
+    json_path = write_atomic(out / "bon.json", json.dumps(result, indent=2))
     return json_path, plot_curve(result, out / "bon.png")
 
 

@@ -251,7 +251,7 @@ def _evaluate_all(opts: EvalOptions, data: dict[str, list[Example]], rank: int, 
         if "reference_loglik" in result:
             print(f"eval: {name}: reference log-likelihood {result['reference_loglik']:.3f} per token after the "
                   f"model's reasoning; accuracy is on the final number")
-    Path(opts.output).write_text(json.dumps(
+    checkpoint.write_atomic(opts.output, json.dumps(
         {"model": opts.model, "rollout": opts.rollout, "samples": opts.samples, "temperature": opts.temperature,
          "seed": opts.seed, "max_new_tokens": opts.max_new_tokens, "processes": world, "seconds": seconds,
          "results": [{"data": spec, **result} for spec, (_, result) in zip(data, rows)]}, indent=2))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -45,6 +44,7 @@ from pyvf.data.answers import normalize
 from pyvf.data.synthetic import RATIONALIZE_TEMPLATE
 from pyvf.options import ConfigError, add_options, from_args, option
 from pyvf.packing import Sequence
+from pyvf.runtime.checkpoint import write_atomic
 from pyvf.runtime.policy import Policy, score_rows
 from pyvf.runtime.rollout import HFGenerate, prompt_seed
 from pyvf.splice import splice_reference
@@ -254,14 +254,7 @@ def rationalize(model, tokenizer, examples, *, samples: int = 4, seed: int = 0, 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """The rows, one JSON object a line, written to a temporary file then renamed (a
     reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def counts_path(output: str | Path) -> Path:
@@ -323,10 +316,8 @@ def main(args: argparse.Namespace) -> int:
                                select=opts.select, progress=Progress(), **prompting(opts))
     write_jsonl(rows, opts.output)
     summary = counts_path(opts.output)
-    tmp = summary.with_name(f".{summary.name}.tmp")
-    tmp.write_text(json.dumps({**counts, "model": opts.model, "data": opts.data, "samples_per_question": opts.samples,
-                               "seed": opts.seed}, indent=2))
-    os.replace(tmp, summary)
+    write_atomic(summary, json.dumps({**counts, "model": opts.model, "data": opts.data,
+                                      "samples_per_question": opts.samples, "seed": opts.seed}, indent=2))
     mean = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
     print(f"rationalize: {counts['samples']} samples: {counts['scored']} scored, dropped {counts['leak_mentions']} "
           f"mentioning the reference, {counts['leak_early']} stating it early, {counts['no_marker']} without an "

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +77,7 @@ class SelfPlayConfig:
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, json.dumps(value, indent=2))
 
 
 def _train_phase(cfg: SelfPlayConfig, out: Path, **keys) -> str:
@@ -122,11 +119,7 @@ def write_questions(cfg: SelfPlayConfig, challenger: str, solver: str, path: Pat
         unique, [prompt_seed(cfg.seed, -iteration, 10**6 + k) for k in range(len(unique))], cfg.solver_samples)
     rows = [{"question": q, "answer": label, "p_hat": p} for q, (label, p) in zip(unique, votes)
             if in_band(p, label, (cfg.band_low, cfg.band_high))]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     return {"written": cfg.questions, "valid": len(valid), "unique": len(unique), "in_band": len(rows)}
 
 
